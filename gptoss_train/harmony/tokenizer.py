@@ -123,10 +123,15 @@ def load_hf_tokenizer():
     return PreTrainedTokenizerFast.from_pretrained(str(hf_tokenizer_dir()))
 
 
+CHAT_TEMPLATE_PATH = Path(__file__).with_name("chat_template.jinja")
+
+
 def copy_tokenizer_files(dest: Path) -> None:
-    """Write the tokenizer files into a checkpoint folder."""
+    """Write the tokenizer files (and our Harmony ``chat_template.jinja``) into a checkpoint folder."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     for item in hf_tokenizer_dir().iterdir():
         if item.is_file():
             shutil.copy2(item, dest / item.name)
+    if CHAT_TEMPLATE_PATH.is_file():
+        shutil.copy2(CHAT_TEMPLATE_PATH, dest / "chat_template.jinja")
