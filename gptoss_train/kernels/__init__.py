@@ -1,0 +1,83 @@
+"""Fast training (and generation) paths for gpt-oss that plug into transformers' model definition.
+
+Training pieces (each usable alone; ``enable_fast_training`` switches them all on, on CUDA):
+  * ``attention``  FlexAttention with the sinks folded in through the log-sum-exp; causal / 128-window / packed.
+  * ``moe``        experts + PEFT LoRA as grouped GEMMs over routed tokens; frozen experts may stay MXFP4.
+  * ``loss``       chunked linear + cross-entropy over the 201k vocabulary (no full logits).
+  * recomputation  which activations to recompute in backward (``recompute=``), chosen by measurement
+                   (scripts/bench_train.py; docs/fast-training.md).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from gptoss_train.kernels.attention import install_sink_attention, register_sink_attention, sink_attention_forward
+from gptoss_train.kernels.loss import causal_lm_chunked_loss, chunked_linear_cross_entropy, install_chunked_loss
+from gptoss_train.kernels.moe import attach_mxfp4_experts, install_fast_experts, moe_experts_forward
+
+__all__ = [
+    "enable_fast_training", "install_sink_attention", "register_sink_attention", "sink_attention_forward",
+    "install_fast_experts", "moe_experts_forward", "attach_mxfp4_experts", "install_chunked_loss",
+    "chunked_linear_cross_entropy", "causal_lm_chunked_loss", "install_recompute", "RECOMPUTE_CHOICES",
+]
+
+# "layer": transformers' gradient checkpointing (recompute whole decoder layers; least memory).
+# "experts": recompute only the MoE block (its activations are ~10x attention's per token); keep attention's.
+# "attention": recompute only attention. "none": keep everything (most memory, no recompute).
+RECOMPUTE_CHOICES = ("layer", "experts", "attention", "none")
+
+
+def _checkpointed_forward(original, *args, **kwargs):
+    if torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(original, *args, use_reentrant=False, **kwargs)
+    return original(*args, **kwargs)
+
+
+def install_recompute(model, recompute: str) -> None:
+    """Set what backward recomputes; see RECOMPUTE_CHOICES."""
+    if recompute not in RECOMPUTE_CHOICES:
+        raise ValueError(f"recompute={recompute!r}: choose one of {', '.join(RECOMPUTE_CHOICES)}")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if recompute == "layer":
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(base, "enable_input_require_grads"):
+            base.enable_input_require_grads()
+        return
+    if base.is_gradient_checkpointing:
+        base.gradient_checkpointing_disable()
+    targets = {"experts": "GptOssMLP", "attention": "GptOssAttention"}.get(recompute)
+    for module in base.modules():
+        if targets and type(module).__name__ == targets:
+            original = module.forward
+            module.forward = functools.partial(_checkpointed_forward, original)
+
+
+def enable_fast_training(model, *, attention: bool = True, experts: bool = True, loss: bool = True,
+                         recompute: str | None = None, loss_chunk_size: int = 1024, force: bool = False) -> str | None:
+    """Switch a loaded GptOssForCausalLM (possibly PEFT-wrapped) to the fast training path.
+
+    Returns a one-line description of what was switched, or None when the model is not on CUDA (the reference
+    transformers path stays in place; ``force=True`` installs the CPU reference implementations anyway, for tests).
+    Call it after PEFT has wrapped the model (the experts path reads PEFT's LoRA factors) and before training.
+    """
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        return None
+    if device.type != "cuda" and not force:
+        return None
+    parts = []
+    if attention:
+        parts.append(f"attention={install_sink_attention(model)}")
+    if experts:
+        parts.append(f"experts=grouped_mm+LoRA over {install_fast_experts(model)} layers")
+    if loss:
+        install_chunked_loss(model, chunk_size=loss_chunk_size)
+        parts.append(f"loss=chunked linear-CE (chunk {loss_chunk_size})")
+    if recompute is not None:
+        install_recompute(model, recompute)
+        parts.append(f"recompute={recompute}")
+    return "fast training path: " + ", ".join(parts)

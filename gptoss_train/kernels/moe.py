@@ -1,0 +1,220 @@
+"""gpt-oss MoE experts with LoRA as grouped GEMMs over the routed tokens.
+
+Why not transformers' path: with PEFT ``target_parameters`` the experts' LoRA is applied by re-parametrising the whole
+[E, in, out] weight (W + B·A) on every forward, so each step builds full-size expert stacks, and the frozen base must be
+a resident bf16 copy. Here the routed (token, expert) pairs are sorted by expert once per layer and every product is
+one ``torch._grouped_mm`` call over all experts:
+
+    y = x·W_e + b_e + s · (x·A_eᵀ)·B_eᵀ          (per routed pair, e = its expert)
+
+with the LoRA factors read straight from PEFT's ``lora_A``/``lora_B`` (trained in place, so the adapter PEFT saves is
+the one we train). No per-expert Python loop and no host synchronisation (group offsets stay on the device).
+
+Frozen weights can stay MXFP4: an experts module holding ``{gate_up,down}_proj_{blocks,scales}`` (HF layout, see
+``attach_mxfp4_experts``) is decoded per layer into a transient bf16 buffer inside forward and decoded again in backward
+(only dX is needed for a frozen weight), so no bf16 copy of the experts ever stays resident.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+# E2M1 code -> value (formats.md §2.2); value = LUT[code] * 2^(scale_byte - 127).
+_FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+# ------------------------------------------------------------------------------------------------ MXFP4 storage
+def _decode_mxfp4_eager(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[E, out, G, 16] uint8 + [E, out, G] uint8 -> [E, out, G*32] ``dtype`` (even element = low nibble)."""
+    lut = torch.tensor(_FP4_VALUES, dtype=torch.float32, device=blocks.device)
+    low = lut[(blocks & 0x0F).long()]
+    high = lut[(blocks >> 4).long()]
+    values = torch.stack((low, high), dim=-1).flatten(-2)  # [E, out, G, 32]
+    values = torch.ldexp(values, scales.to(torch.int32).unsqueeze(-1) - 127)
+    return values.flatten(-2).to(dtype)
+
+
+@functools.cache
+def _decode_mxfp4_compiled():
+    # One fused elementwise kernel instead of ~8 passes over a 1 GB buffer (the decode runs 2-3 times per layer
+    # per step, so its memory traffic matters).
+    return torch.compile(_decode_mxfp4_eager, dynamic=False)
+
+
+def decode_mxfp4_experts(blocks: torch.Tensor, scales: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
+    """Decode a stack of expert matrices for the hot path; numerically identical to ``quant.mxfp4.decode``."""
+    if blocks.is_cuda:
+        return _decode_mxfp4_compiled()(blocks, scales, dtype)
+    return _decode_mxfp4_eager(blocks, scales, dtype)
+
+
+def attach_mxfp4_experts(experts: torch.nn.Module, gate_up_blocks, gate_up_scales, down_blocks, down_scales) -> None:
+    """Make ``experts`` (a GptOssExperts) read its frozen matrices from MXFP4 bytes (HF layout, formats.md).
+
+    The bytes become buffers named like the checkpoint tensors. ``gate_up_proj`` / ``down_proj`` are replaced by
+    zero-stride placeholders of the right shape, dtype and device (2 bytes each) so PEFT's ``target_parameters`` can
+    still size and place its adapters; only this module's fast forward reads the real weights.
+    """
+    num_experts, gate_up_out, groups, _ = gate_up_blocks.shape
+    hidden = groups * 32
+    dtype = experts.gate_up_proj.dtype if experts.gate_up_proj.is_floating_point() else torch.bfloat16
+    for name, tensor in (("gate_up_proj_blocks", gate_up_blocks), ("gate_up_proj_scales", gate_up_scales),
+                         ("down_proj_blocks", down_blocks), ("down_proj_scales", down_scales)):
+        experts.register_buffer(name, tensor, persistent=True)
+    device = gate_up_blocks.device
+    placeholder = lambda *shape: torch.nn.Parameter(  # noqa: E731
+        torch.zeros(1, dtype=dtype, device=device).expand(*shape), requires_grad=False)
+    experts.gate_up_proj = placeholder(num_experts, hidden, gate_up_out)
+    experts.down_proj = placeholder(num_experts, down_blocks.shape[2] * 32, down_blocks.shape[1])
+    experts.mxfp4_resident = True
+
+
+def has_mxfp4_experts(experts: torch.nn.Module) -> bool:
+    return getattr(experts, "gate_up_proj_blocks", None) is not None and getattr(experts, "down_proj_blocks", None) is not None
+
+
+# ------------------------------------------------------------------------------------------ grouped products
+class _GroupedMM(torch.autograd.Function):
+    """y[rows of group e] = x[rows of group e] @ w[e]; gradients for x and (if trainable) w."""
+
+    @staticmethod
+    def forward(ctx, x, w, offs):
+        ctx.save_for_backward(x, w, offs)
+        return torch._grouped_mm(x, w, offs=offs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w, offs = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = torch._grouped_mm(grad, w.transpose(-1, -2), offs=offs) if ctx.needs_input_grad[0] else None
+        # 2-D x 2-D with offsets along the shared dimension gives one [in, out] product per group (zero if empty).
+        grad_w = torch._grouped_mm(x.t(), grad, offs=offs) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w, None
+
+
+class _GroupedMMFromMXFP4(torch.autograd.Function):
+    """y = x @ decode(W)ᵀ per group, for a frozen MXFP4 stack [E, out, in]; backward decodes again for dX only."""
+
+    @staticmethod
+    def forward(ctx, x, blocks, scales, offs):
+        weight = decode_mxfp4_experts(blocks, scales, x.dtype)  # [E, out, in], transient
+        ctx.save_for_backward(blocks, scales, offs)
+        return torch._grouped_mm(x, weight.transpose(-1, -2), offs=offs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        blocks, scales, offs = ctx.saved_tensors
+        weight = decode_mxfp4_experts(blocks, scales, grad.dtype)
+        return torch._grouped_mm(grad.contiguous(), weight, offs=offs), None, None, None
+
+
+def _frozen_or_trainable_matmul(x, base, name: str, offs):
+    """x @ W_e for the base weight ``name`` (gate_up_proj / down_proj) of a GptOssExperts, whatever its storage."""
+    if has_mxfp4_experts(base):
+        return _GroupedMMFromMXFP4.apply(x, getattr(base, f"{name}_blocks"), getattr(base, f"{name}_scales"), offs)
+    weight = getattr(base, name)  # [E, in, out] (transformers' is_transposed layout)
+    return _GroupedMM.apply(x, weight.to(x.dtype), offs)
+
+
+# ----------------------------------------------------------------------------------------------- PEFT adapters
+def _unwrap_experts(module) -> tuple[torch.nn.Module, dict[str, list[tuple]]]:
+    """Peel PEFT ParamWrappers off an experts module: (base GptOssExperts, {param name: [(A, B, scaling), ...]}).
+
+    A is [E, in, r] and B [E, r, out] views of PEFT's lora_A [r·E, in] (rows expert-major) and lora_B [out, r·E]
+    (columns rank-major), matching ``ParamWrapper.get_delta_weight``."""
+    adapters: dict[str, list[tuple]] = {}
+    while hasattr(module, "base_layer") and hasattr(module, "parameter_name") and hasattr(module, "lora_A"):
+        wrapper, module = module, module.base_layer
+        if wrapper.disable_adapters or wrapper.merged:
+            continue
+        if getattr(wrapper, "_did_swap_in_out_features", False):
+            raise NotImplementedError("experts stored as [E, out, in] are not supported by the grouped LoRA path")
+        for name in wrapper.active_adapters:
+            if name not in wrapper.lora_A:
+                continue
+            experts = wrapper.num_experts
+            weight_a = wrapper.lora_A[name].weight
+            weight_b = wrapper.lora_B[name].weight
+            rank = weight_a.shape[0] // experts
+            lora_a = weight_a.view(experts, rank, -1).transpose(1, 2)  # [E, in, r]
+            lora_b = weight_b.view(weight_b.shape[0], rank, experts).permute(2, 1, 0)  # [E, r, out]
+            adapters.setdefault(wrapper.parameter_name, []).append((lora_a, lora_b, wrapper.scaling[name]))
+    return module, adapters
+
+
+def _projection(x, base, name, adapters, offs):
+    out = _frozen_or_trainable_matmul(x, base, name, offs)
+    for lora_a, lora_b, scaling in adapters.get(name, ()):
+        # contiguous(): grouped_mm wants 16-byte-aligned strides; the copies are r-wide, negligible.
+        low = _GroupedMM.apply(x, lora_a.to(x.dtype).contiguous(), offs)
+        out = out + scaling * _GroupedMM.apply(low, lora_b.to(x.dtype).contiguous(), offs)
+    return out
+
+
+def _swiglu(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    # Same as GptOssExperts._apply_gate: interleaved gate/up, clamped, (up + 1) * gate * sigmoid(alpha * gate).
+    gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+@functools.cache
+def _swiglu_compiled():
+    return torch.compile(_swiglu, dynamic=True)
+
+
+def moe_experts_forward(hidden: torch.Tensor, router_indices: torch.Tensor, routing_weights: torch.Tensor,
+                        experts_module: torch.nn.Module) -> torch.Tensor:
+    """Routed experts (+ LoRA) for T tokens: hidden [T, H], router_indices / routing_weights [T, K] -> [T, H].
+
+    ``experts_module`` is a GptOssExperts (bf16 or MXFP4-attached) or the PEFT ParamWrapper chain around one."""
+    base, adapters = _unwrap_experts(experts_module)
+    num_tokens, top_k = router_indices.shape
+    num_experts = base.num_experts
+    flat_experts = router_indices.reshape(-1)
+    order = torch.argsort(flat_experts, stable=True)
+    sorted_experts = flat_experts[order]
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=hidden.device)
+    counts.scatter_add_(0, flat_experts.to(torch.int64), torch.ones_like(flat_experts, dtype=torch.int32))
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+
+    x = hidden[order // top_k]  # [T*K, H], grouped by expert
+    gate_up = _projection(x, base, "gate_up_proj", adapters, offs) + base.gate_up_proj_bias[sorted_experts].to(x.dtype)
+    swiglu = _swiglu_compiled() if x.is_cuda else _swiglu
+    act = swiglu(gate_up, base.alpha, base.limit)
+    down = _projection(act, base, "down_proj", adapters, offs) + base.down_proj_bias[sorted_experts].to(x.dtype)
+    down = down * routing_weights.reshape(-1)[order].unsqueeze(-1).to(down.dtype)
+    # Back to (token, k) order without atomics: gather by the inverse permutation, then sum the K contributions.
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return down[inverse].view(num_tokens, top_k, -1).sum(dim=1).to(hidden.dtype)
+
+
+def _fast_mlp_forward(mlp, hidden_states):
+    """Replacement for GptOssMLP.forward with the same inputs and outputs."""
+    batch_size, seq_len, hidden_dim = hidden_states.shape
+    flat = hidden_states.reshape(-1, hidden_dim)
+    routed = mlp.router(flat)
+    # transformers 5.x routers return (logits, top-k scores, indices); older ones (scores over all experts, indices).
+    router_scores, router_indices = routed[-2], routed[-1]
+    top_k_weights = router_scores
+    if router_scores.shape[-1] != router_indices.shape[-1]:
+        top_k_weights = router_scores.gather(-1, router_indices)
+    out = moe_experts_forward(flat, router_indices, top_k_weights, mlp.experts)
+    return out.reshape(batch_size, seq_len, hidden_dim), router_scores
+
+
+def install_fast_experts(model) -> int:
+    """Route every GptOssMLP of ``model`` through the grouped path; returns the number of layers switched.
+
+    Patched per instance (not via transformers' experts registry) because the registry dispatches inside the experts
+    module, which PEFT's ParamWrappers wrap: by then the LoRA has already been folded into a full-size weight."""
+    switched = 0
+    for module in model.modules():
+        if type(module).__name__ == "GptOssMLP" and hasattr(module, "router") and hasattr(module, "experts"):
+            module.forward = functools.partial(_fast_mlp_forward, module)
+            switched += 1
+    return switched

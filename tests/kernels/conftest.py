@@ -1,0 +1,35 @@
+"""Tiny gpt-oss models for the kernel tests: 2 layers (sliding + full), 4 experts top-2, small vocab, float32 on CPU.
+
+The kernels never look at token ids, so a 512-token vocabulary keeps these tests fast (the 201k one dominates memory)."""
+
+import pytest
+import torch
+from transformers import GptOssConfig, GptOssForCausalLM
+
+
+def tiny_config(**overrides) -> GptOssConfig:
+    settings = dict(
+        vocab_size=512, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=131072, attention_dropout=0.0,
+        tie_word_embeddings=False, pad_token_id=0,
+    )
+    settings.update(overrides)
+    return GptOssConfig(**settings)
+
+
+def build_tiny_model(seed: int = 0, **overrides) -> GptOssForCausalLM:
+    torch.manual_seed(seed)
+    config = tiny_config(**overrides)
+    config._attn_implementation = "eager"
+    model = GptOssForCausalLM(config).float().eval()
+    with torch.no_grad():  # non-zero biases and sinks so their paths are exercised
+        for name, param in model.named_parameters():
+            if name.endswith(("_bias", "sinks")) or "router" in name:
+                param.normal_(0, 0.5 if "sinks" in name else 0.05)
+    return model
+
+
+@pytest.fixture
+def tiny_model_factory():
+    return build_tiny_model
