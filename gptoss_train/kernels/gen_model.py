@@ -1,0 +1,559 @@
+"""gpt-oss forward passes for generation: packed prefill and a one-token decode step over a static KV cache.
+
+transformers' GptOssForCausalLM is written for training and for `generate()` with a dynamic cache: every decode
+step re-derives masks, syncs the host once per routed expert (`.nonzero()` in the per-expert loop) and, with its
+grouped_mm experts, gathers a `[tokens * top_k, 2880, 5760]` weight copy. This module reads the same parameters
+(never copies the model, never merges a LoRA adapter) and runs the forward with:
+
+* experts as two grouped GEMMs over the (token, expert) pairs sorted by expert (`torch.nn.functional.grouped_mm`):
+  only the selected experts' weights are read, with no host synchronisation, so the step can be graph-captured;
+* a static KV cache: full-attention layers hold `[slots, kv_heads, max_seq_len, head_dim]`, sliding-window layers
+  a `[slots, kv_heads, window, head_dim]` ring buffer (position p lives at p % window);
+* decode attention for one query token with the sink logit folded into the softmax denominator;
+* prefill attention through `scaled_dot_product_attention` with the sink expressed as one extra key (see
+  `_sink_sdpa`), over several prompts packed into one sequence.
+
+Numerics follow transformers' eager path (bf16 GEMMs, the router softmax in the activation dtype, RMSNorm in fp32)
+so greedy tokens match its `generate()`; softmaxes and the top-k sum run in fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Weights
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LinearLoRA:
+    """One LoRA term `scaling * (x @ a.T) @ b.T` of an nn.Linear (a: [r, in], b: [out, r])."""
+
+    a: Tensor
+    b: Tensor
+    scaling: float
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return (x @ self.a.t()) @ self.b.t() * self.scaling
+
+
+@dataclass
+class ExpertLoRA:
+    """LoRA on a stacked expert weight [E, in, out]: delta_e = scaling * lhs[e] @ rhs[e].
+
+    `r` is zero-padded to a multiple of 8 so that grouped GEMMs see 16-byte aligned strides (exact: zero rows).
+    """
+
+    lhs: Tensor  # [E, in, r]
+    rhs: Tensor  # [E, r, out]
+    scaling: float
+
+
+@dataclass
+class LayerWeights:
+    sliding: bool
+    input_norm: Tensor
+    post_norm: Tensor
+    norm_eps: float
+    qkv_w: Tensor  # [q+k+v, hidden]: the three projections stacked once, one GEMM per step instead of three
+    qkv_b: Tensor | None
+    o_w: Tensor
+    o_b: Tensor | None
+    sinks: Tensor  # [heads]
+    router_w: Tensor
+    router_b: Tensor
+    gate_up: Tensor  # [E, hidden, 2 * inter], rows interleaved gate/up as in the checkpoint
+    gate_up_b: Tensor
+    down: Tensor  # [E, inter, hidden]
+    down_b: Tensor
+    lora_q: LinearLoRA | None = None
+    lora_k: LinearLoRA | None = None
+    lora_v: LinearLoRA | None = None
+    lora_o: LinearLoRA | None = None
+    lora_gate_up: ExpertLoRA | None = None
+    lora_down: ExpertLoRA | None = None
+
+
+@dataclass
+class ModelWeights:
+    layers: list[LayerWeights]
+    embed: Tensor
+    final_norm: Tensor
+    norm_eps: float
+    lm_head: Tensor
+    cos: Tensor  # [max_seq_len, head_dim / 2] from the model's own rotary embedding (YaRN included)
+    sin: Tensor
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scaling: float
+    window: int
+    top_k: int
+    num_experts: int
+    swiglu_alpha: float
+    swiglu_limit: float
+    dtype: torch.dtype = field(default=torch.bfloat16)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+
+class UnsupportedModel(ValueError):
+    """The model (or its adapter) has a part this generation path does not implement."""
+
+
+def _peft_lora_linear(module) -> tuple[object, LinearLoRA | None]:
+    """(base nn.Linear, LoRA term) for a plain nn.Linear or a peft lora.Linear wrapping one."""
+    if not hasattr(module, "base_layer") or not hasattr(module, "lora_A"):
+        return module, None
+    if getattr(module, "disable_adapters", False) or getattr(module, "merged", False):
+        return module.get_base_layer(), None
+    names = [n for n in module.active_adapters if n in module.lora_A]
+    if len(names) > 1:
+        raise UnsupportedModel(f"{len(names)} active LoRA adapters on one layer; activate one")
+    if not names:
+        return module.get_base_layer(), None
+    name = names[0]
+    if module.use_dora.get(name, False):
+        raise UnsupportedModel("DoRA adapters are not supported by fast generation; merge them first")
+    a = module.lora_A[name].weight
+    b = module.lora_B[name].weight
+    if module.lora_B[name].bias is not None:
+        raise UnsupportedModel("LoRA with lora_bias=True is not supported by fast generation")
+    return module.get_base_layer(), LinearLoRA(a.detach(), b.detach(), float(module.scaling[name]))
+
+
+def _expert_lora_factors(wrapper) -> ExpertLoRA | None:
+    """LoRA factors of one peft ParamWrapper (target_parameters on GptOssExperts)."""
+    if getattr(wrapper, "disable_adapters", False) or getattr(wrapper, "merged", False):
+        return None
+    names = [n for n in wrapper.active_adapters if n in wrapper.lora_A]
+    if not names:
+        return None
+    if len(names) > 1:
+        raise UnsupportedModel(f"{len(names)} active LoRA adapters on the experts; activate one")
+    name = names[0]
+    e = wrapper.num_experts
+    a = wrapper.lora_A[name].weight.detach()  # [r*E, in]
+    b = wrapper.lora_B[name].weight.detach()  # [out, r*E]
+    if getattr(wrapper, "_did_swap_in_out_features", False):
+        raise UnsupportedModel("expert LoRA with swapped in/out features is not supported")
+    # Same factorisation as peft's ParamWrapper.get_delta_weight: A rows are expert-major, B columns rank-major.
+    lhs = a.reshape(e, -1, a.shape[-1]).transpose(-2, -1)  # [E, in, r]
+    rhs = b.reshape(b.shape[0], -1, e).permute(2, 1, 0)  # [E, r, out]
+    r = lhs.shape[-1]
+    r_pad = (r + 7) // 8 * 8
+    if r_pad != r:
+        lhs = F.pad(lhs, (0, r_pad - r))
+        rhs = F.pad(rhs, (0, 0, 0, r_pad - r))
+    return ExpertLoRA(lhs.contiguous(), rhs.contiguous(), float(wrapper.scaling[name]))
+
+
+def _experts_with_lora(experts) -> tuple[object, dict[str, ExpertLoRA]]:
+    """Peel peft ParamWrappers off a GptOssExperts module: (the experts module, {param name: LoRA})."""
+    loras: dict[str, ExpertLoRA] = {}
+    module = experts
+    while hasattr(module, "parameter_name") and hasattr(module, "base_layer"):
+        factors = _expert_lora_factors(module)
+        if factors is not None:
+            loras[module.parameter_name] = factors
+        module = module.base_layer
+    return module, loras
+
+
+def _dense_expert_weights(experts, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    gate_up = getattr(experts, "gate_up_proj", None)
+    down = getattr(experts, "down_proj", None)
+    if isinstance(gate_up, Tensor) and isinstance(down, Tensor) and gate_up.dim() == 3 and gate_up.is_floating_point():
+        return gate_up.detach(), down.detach()
+    blocks = getattr(experts, "gate_up_proj_blocks", None)
+    if isinstance(blocks, Tensor):
+        # MXFP4-resident experts: decode once to the compute dtype. Reading MXFP4 inside the GEMM is the
+        # remaining gap (docs/fast-generation.md); until then this keeps such models working.
+        from gptoss_train.quant.mxfp4 import decode
+
+        gu = decode(experts.gate_up_proj_blocks, experts.gate_up_proj_scales, dtype=dtype, transpose=True)
+        dn = decode(experts.down_proj_blocks, experts.down_proj_scales, dtype=dtype, transpose=True)
+        return gu.contiguous(), dn.contiguous()
+    raise UnsupportedModel(f"unrecognised experts module {type(experts).__name__}: no dense or MXFP4 weights")
+
+
+def unwrap_peft(model):
+    """The GptOssForCausalLM inside a PeftModel (or the model itself)."""
+    inner = model
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    return inner
+
+
+def collect_weights(model, max_seq_len: int) -> ModelWeights:
+    """Views of `model`'s parameters (plus the stacked QKV) in the layout the generation forward wants."""
+    base = unwrap_peft(model)
+    cfg = base.config
+    if getattr(cfg, "model_type", None) != "gpt_oss":
+        raise UnsupportedModel(f"expected a gpt_oss model, got model_type={getattr(cfg, 'model_type', None)!r}")
+    core = base.model
+    dtype = core.embed_tokens.weight.dtype
+    layers = []
+    for i, layer in enumerate(core.layers):
+        attn = layer.self_attn
+        q, lq = _peft_lora_linear(attn.q_proj)
+        k, lk = _peft_lora_linear(attn.k_proj)
+        v, lv = _peft_lora_linear(attn.v_proj)
+        o, lo = _peft_lora_linear(attn.o_proj)
+        router = layer.mlp.router
+        if hasattr(router, "base_layer") or hasattr(router, "parameter_name"):
+            raise UnsupportedModel("LoRA on the router is not supported by fast generation; merge it first")
+        experts, expert_loras = _experts_with_lora(layer.mlp.experts)
+        unknown = set(expert_loras) - {"gate_up_proj", "down_proj"}
+        if unknown:
+            raise UnsupportedModel(f"LoRA on expert parameters {sorted(unknown)} is not supported")
+        gate_up, down = _dense_expert_weights(experts, dtype)
+        qkv_b = None
+        if q.bias is not None:
+            qkv_b = torch.cat([q.bias, k.bias, v.bias]).detach()
+        layers.append(
+            LayerWeights(
+                sliding=cfg.layer_types[i] == "sliding_attention",
+                input_norm=layer.input_layernorm.weight.detach(),
+                post_norm=layer.post_attention_layernorm.weight.detach(),
+                norm_eps=layer.input_layernorm.variance_epsilon,
+                qkv_w=torch.cat([q.weight, k.weight, v.weight]).detach(),
+                qkv_b=qkv_b,
+                o_w=o.weight.detach(),
+                o_b=None if o.bias is None else o.bias.detach(),
+                sinks=attn.sinks.detach(),
+                router_w=router.weight.detach(),
+                router_b=router.bias.detach(),
+                gate_up=gate_up,
+                gate_up_b=experts.gate_up_proj_bias.detach(),
+                down=down,
+                down_b=experts.down_proj_bias.detach(),
+                lora_q=lq,
+                lora_k=lk,
+                lora_v=lv,
+                lora_o=lo,
+                lora_gate_up=expert_loras.get("gate_up_proj"),
+                lora_down=expert_loras.get("down_proj"),
+            )
+        )
+    head, head_lora = _peft_lora_linear(base.lm_head)
+    if head_lora is not None:
+        raise UnsupportedModel("LoRA on lm_head is not supported by fast generation")
+    device = core.embed_tokens.weight.device
+    # The model's own rotary module computes cos/sin (YaRN scaling included) exactly as its forward does.
+    positions = torch.arange(max_seq_len, device=device)[None]
+    probe = torch.zeros(1, dtype=dtype, device=device)
+    with torch.no_grad():
+        cos, sin = core.rotary_emb(probe, positions)
+    return ModelWeights(
+        layers=layers,
+        embed=core.embed_tokens.weight.detach(),
+        final_norm=core.norm.weight.detach(),
+        norm_eps=core.norm.variance_epsilon,
+        lm_head=head.weight.detach(),
+        cos=cos[0].contiguous(),
+        sin=sin[0].contiguous(),
+        num_heads=cfg.num_attention_heads,
+        num_kv_heads=cfg.num_key_value_heads,
+        head_dim=cfg.head_dim,
+        scaling=cfg.head_dim**-0.5,
+        window=int(cfg.sliding_window or 0),
+        top_k=cfg.num_experts_per_tok,
+        num_experts=cfg.num_local_experts,
+        swiglu_alpha=cfg.swiglu_alpha,
+        swiglu_limit=cfg.swiglu_limit,
+        dtype=dtype,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# KV cache
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Static per-slot cache. Full layers: [slots, kv_heads, max_seq_len, D]; sliding layers: ring of `window`."""
+
+    def __init__(self, w: ModelWeights, slots: int, max_seq_len: int):
+        self.max_seq_len = max_seq_len
+        self.k: list[Tensor] = []
+        self.v: list[Tensor] = []
+        for layer in w.layers:
+            length = w.window if layer.sliding else max_seq_len
+            shape = (slots, w.num_kv_heads, length, w.head_dim)
+            self.k.append(torch.zeros(shape, dtype=w.dtype, device=w.device))
+            self.v.append(torch.zeros(shape, dtype=w.dtype, device=w.device))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Shared pieces
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    # Same operation order as GptOssRMSNorm (fp32 statistics, weight applied before the cast back).
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * xf).to(x.dtype)
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [T, heads, D], cos/sin [T, D/2]: GptOss' half-split rotation."""
+    cos = cos[:, None, :]
+    sin = sin[:, None, :]
+    first, second = torch.chunk(x, 2, dim=-1)
+    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+
+
+def grouped_mm_supported(weight: Tensor) -> bool:
+    fn = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+    if fn is None:
+        return False
+    if weight.device.type == "cuda":
+        return weight.dtype == torch.bfloat16 and torch.cuda.get_device_capability(weight.device) >= (8, 0)
+    return weight.device.type == "cpu"
+
+
+def expert_mm(x_sorted: Tensor, weight: Tensor, offs: Tensor, expert_of_row: Tensor, use_grouped: bool) -> Tensor:
+    """Row i of `x_sorted` times weight[expert_of_row[i]]; rows sorted by expert, offs = cumulative row counts.
+
+    The grouped GEMM reads each selected expert once and skips the others. The fallback (fp32 on CUDA, or a torch
+    without grouped_mm) gathers one weight copy per row: fine for small models, a memory hog at 20b.
+    """
+    if use_grouped:
+        fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
+        return fn(x_sorted, weight, offs=offs)
+    return torch.bmm(x_sorted[:, None, :], weight[expert_of_row]).squeeze(1)
+
+
+def swiglu(gate_up: Tensor, alpha: float, limit: float) -> Tensor:
+    gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+    gate = gate.clamp(min=None, max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+def moe(w: ModelWeights, layer: LayerWeights, h: Tensor, use_grouped: bool) -> Tensor:
+    """Routed experts for h [T, hidden] with no host synchronisation (graph-capturable)."""
+    tokens = h.shape[0]
+    top_k = w.top_k
+    logits = F.linear(h, layer.router_w, layer.router_b)
+    top_v, top_i = torch.topk(logits, top_k, dim=-1)
+    scores = torch.softmax(top_v, dim=1, dtype=top_v.dtype)  # activation dtype, as GptOssTopKRouter
+    expert_ids = top_i.reshape(-1)
+    order = torch.argsort(expert_ids, stable=True)
+    expert_sorted = expert_ids[order]
+    token_sorted = torch.div(order, top_k, rounding_mode="floor")
+    counts = torch.zeros(w.num_experts, dtype=torch.int32, device=h.device)
+    counts.scatter_add_(0, expert_ids, torch.ones_like(expert_ids, dtype=torch.int32))
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    x = h[token_sorted]
+    gate_up = expert_mm(x, layer.gate_up, offs, expert_sorted, use_grouped) + layer.gate_up_b[expert_sorted]
+    if layer.lora_gate_up is not None:
+        gate_up = gate_up + _expert_lora(x, layer.lora_gate_up, offs, expert_sorted, use_grouped)
+    act = swiglu(gate_up, w.swiglu_alpha, w.swiglu_limit)
+    out = expert_mm(act, layer.down, offs, expert_sorted, use_grouped) + layer.down_b[expert_sorted]
+    if layer.lora_down is not None:
+        out = out + _expert_lora(act, layer.lora_down, offs, expert_sorted, use_grouped)
+    out = out * scores.reshape(-1)[order, None]
+    # Un-sort and add the top-k contributions in fp32: deterministic (no atomics), unlike index_add_ on CUDA.
+    unsorted = torch.empty_like(out)
+    unsorted[order] = out
+    return unsorted.view(tokens, top_k, -1).float().sum(dim=1).to(h.dtype)
+
+
+def _expert_lora(x: Tensor, lora: ExpertLoRA, offs: Tensor, expert_of_row: Tensor, use_grouped: bool) -> Tensor:
+    t = expert_mm(x, lora.lhs, offs, expert_of_row, use_grouped)
+    return expert_mm(t, lora.rhs, offs, expert_of_row, use_grouped) * lora.scaling
+
+
+def qkv_projection(w: ModelWeights, layer: LayerWeights, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    qkv = F.linear(h, layer.qkv_w, layer.qkv_b)
+    q_dim = w.num_heads * w.head_dim
+    kv_dim = w.num_kv_heads * w.head_dim
+    q, k, v = qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
+    if layer.lora_q is not None:
+        q = q + layer.lora_q(h)
+    if layer.lora_k is not None:
+        k = k + layer.lora_k(h)
+    if layer.lora_v is not None:
+        v = v + layer.lora_v(h)
+    t = h.shape[0]
+    return (
+        q.reshape(t, w.num_heads, w.head_dim),
+        k.reshape(t, w.num_kv_heads, w.head_dim),
+        v.reshape(t, w.num_kv_heads, w.head_dim),
+    )
+
+
+def out_projection(layer: LayerWeights, attn: Tensor) -> Tensor:
+    out = F.linear(attn, layer.o_w, layer.o_b)
+    if layer.lora_o is not None:
+        out = out + layer.lora_o(attn)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Prefill: several prompts packed into one token sequence
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _sink_sdpa(q: Tensor, k: Tensor, v: Tensor, sinks: Tensor, scale: float, allowed: Tensor) -> Tensor:
+    """Attention with a per-head sink logit through scaled_dot_product_attention.
+
+    q [H, Lq, D], k/v [H, Lk, D] (kv heads already repeated), allowed [Lq, Lk] bool. The sink is one extra key whose
+    logit is sinks[h] for every query and whose value is zero: the head dim grows by 8 (alignment), the query carries
+    sinks[h] / scale in the first extra column and the sink key a one there; real keys carry zeros. Keys are padded to
+    a multiple of 8 (masked) so the memory-efficient kernel takes the boolean mask as is.
+    """
+    heads, lq, d = q.shape
+    lk = k.shape[1]
+    pad_d = 8
+    pad_k = (-(lk + 1)) % 8
+    qx = q.new_zeros(heads, lq, d + pad_d)
+    qx[..., :d] = q
+    qx[..., d] = (sinks.to(torch.float32) / scale).to(q.dtype)[:, None]
+    kx = k.new_zeros(heads, 1 + lk + pad_k, d + pad_d)
+    kx[:, 0, d] = 1
+    kx[:, 1 : 1 + lk, :d] = k
+    vx = v.new_zeros(heads, 1 + lk + pad_k, d + pad_d)
+    vx[:, 1 : 1 + lk, :d] = v
+    mask = allowed.new_zeros(lq, 1 + lk + pad_k)
+    mask[:, 0] = True
+    mask[:, 1 : 1 + lk] = allowed
+    out = F.scaled_dot_product_attention(qx[None], kx[None], vx[None], attn_mask=mask[None, None], scale=scale)
+    return out[0, :, :, :d]
+
+
+def prefill_attention(
+    w: ModelWeights, layer: LayerWeights, q: Tensor, k: Tensor, v: Tensor, spans: list[tuple[int, int]], q_chunk: int
+) -> Tensor:
+    """Causal (or sliding-window) attention of each packed prompt over itself. q [T, H, D], k/v [T, Hkv, D]."""
+    out = torch.empty_like(q)
+    groups = w.num_heads // w.num_kv_heads
+    window = w.window if layer.sliding else None
+    for start, length in spans:
+        for qs in range(0, length, q_chunk):
+            qe = min(length, qs + q_chunk)
+            ks = 0 if window is None else max(0, qs - window + 1)
+            qpos = torch.arange(qs, qe, device=q.device)[:, None]
+            kpos = torch.arange(ks, qe, device=q.device)[None, :]
+            allowed = kpos <= qpos
+            if window is not None:
+                allowed &= kpos > qpos - window
+            kk = k[start + ks : start + qe].transpose(0, 1).repeat_interleave(groups, dim=0)
+            vv = v[start + ks : start + qe].transpose(0, 1).repeat_interleave(groups, dim=0)
+            qq = q[start + qs : start + qe].transpose(0, 1)
+            out[start + qs : start + qe] = _sink_sdpa(qq, kk, vv, layer.sinks, w.scaling, allowed).transpose(0, 1)
+    return out
+
+
+def prefill(
+    w: ModelWeights,
+    cache: KVCache,
+    prompts: list[list[int]],
+    slots: list[int],
+    use_grouped: bool,
+    q_chunk: int = 1024,
+    all_logits: bool = False,
+) -> Tensor:
+    """Run prompts (packed), fill their cache slots; return fp32 logits of each prompt's last token [n, V]
+    (or of every token [T, V] with all_logits=True, for checks)."""
+    device = w.device
+    spans, ids, pos = [], [], []
+    for p in prompts:
+        spans.append((len(ids), len(p)))
+        ids.extend(p)
+        pos.extend(range(len(p)))
+    ids_t = torch.tensor(ids, dtype=torch.long, device=device)
+    pos_t = torch.tensor(pos, dtype=torch.long, device=device)
+    cos, sin = w.cos[pos_t], w.sin[pos_t]
+    x = w.embed[ids_t]
+    for li, layer in enumerate(w.layers):
+        h = rms_norm(x, layer.input_norm, layer.norm_eps)
+        q, k, v = qkv_projection(w, layer, h)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
+        for (start, length), slot in zip(spans, slots):
+            if layer.sliding:
+                keep = torch.arange(max(0, length - w.window), length, device=device)
+                cache.k[li][slot][:, keep % w.window] = k[start + keep].transpose(0, 1)
+                cache.v[li][slot][:, keep % w.window] = v[start + keep].transpose(0, 1)
+            else:
+                cache.k[li][slot, :, :length] = k[start : start + length].transpose(0, 1)
+                cache.v[li][slot, :, :length] = v[start : start + length].transpose(0, 1)
+        attn = prefill_attention(w, layer, q, k, v, spans, q_chunk)
+        x = x + out_projection(layer, attn.reshape(x.shape[0], -1))
+        h = rms_norm(x, layer.post_norm, layer.norm_eps)
+        x = x + moe(w, layer, h, use_grouped)
+    if not all_logits:
+        last = torch.tensor([s + n - 1 for s, n in spans], dtype=torch.long, device=device)
+        x = x[last]
+    x = rms_norm(x, w.final_norm, w.norm_eps)
+    return F.linear(x, w.lm_head).float()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Decode: one token for each of the first `batch` slots, static shapes
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def decode_attention(
+    q: Tensor, keys: Tensor, values: Tensor, valid: Tensor, sinks: Tensor, scale: float
+) -> Tensor:
+    """One query token per slot. q [B, H, D]; keys/values [B, Hkv, L, D]; valid [B, L] bool."""
+    batch, heads, d = q.shape
+    kv_heads = keys.shape[1]
+    qg = q.view(batch, kv_heads, heads // kv_heads, d)
+    scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * scale  # [B, Hkv, G, L]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    sink = sinks.float().view(1, kv_heads, heads // kv_heads, 1)
+    peak = torch.maximum(scores.amax(dim=-1, keepdim=True), sink)
+    probs = torch.exp(scores - peak)
+    probs = probs / (probs.sum(dim=-1, keepdim=True) + torch.exp(sink - peak))
+    out = torch.matmul(probs.to(values.dtype), values)  # [B, Hkv, G, D]
+    return out.reshape(batch, heads * d)
+
+
+def decode_step(
+    w: ModelWeights, cache: KVCache, tokens: Tensor, positions: Tensor, kv_len: int, use_grouped: bool
+) -> Tensor:
+    """Logits [B, V] (fp32) for tokens [B] at positions [B] of slots 0..B-1; writes their K/V into the cache.
+
+    `kv_len` (static) bounds the full-attention keys read: every slot's position must be < kv_len. Slots beyond
+    the live ones compute garbage in their own cache rows only.
+    """
+    batch = tokens.shape[0]
+    rows = torch.arange(batch, device=tokens.device)
+    cos, sin = w.cos[positions], w.sin[positions]
+    full_valid = torch.arange(kv_len, device=tokens.device)[None, :] <= positions[:, None]
+    ring_valid = torch.arange(max(w.window, 1), device=tokens.device)[None, :] <= positions[:, None]
+    ring_pos = positions % max(w.window, 1)
+    x = w.embed[tokens]
+    for li, layer in enumerate(w.layers):
+        h = rms_norm(x, layer.input_norm, layer.norm_eps)
+        q, k, v = qkv_projection(w, layer, h)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
+        kc, vc = cache.k[li], cache.v[li]
+        if layer.sliding:
+            kc[rows, :, ring_pos] = k
+            vc[rows, :, ring_pos] = v
+            attn = decode_attention(q, kc[:batch], vc[:batch], ring_valid, layer.sinks, w.scaling)
+        else:
+            kc[rows, :, positions] = k
+            vc[rows, :, positions] = v
+            attn = decode_attention(
+                q, kc[:batch, :, :kv_len], vc[:batch, :, :kv_len], full_valid, layer.sinks, w.scaling
+            )
+        x = x + out_projection(layer, attn)
+        h = rms_norm(x, layer.post_norm, layer.norm_eps)
+        x = x + moe(w, layer, h, use_grouped)
+    x = rms_norm(x, w.final_norm, w.norm_eps)
+    return F.linear(x, w.lm_head).float()
