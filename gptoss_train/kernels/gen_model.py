@@ -169,19 +169,24 @@ def _experts_with_lora(experts) -> tuple[object, dict[str, ExpertLoRA]]:
 
 
 def _dense_expert_weights(experts, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    gate_up = getattr(experts, "gate_up_proj", None)
-    down = getattr(experts, "down_proj", None)
-    if isinstance(gate_up, Tensor) and isinstance(down, Tensor) and gate_up.dim() == 3 and gate_up.is_floating_point():
-        return gate_up.detach(), down.detach()
-    blocks = getattr(experts, "gate_up_proj_blocks", None)
-    if isinstance(blocks, Tensor):
-        # MXFP4-resident experts: decode once to the compute dtype. Reading MXFP4 inside the GEMM is the
-        # remaining gap (docs/fast-generation.md); until then this keeps such models working.
+    """[E, in, out] expert matrices in the compute dtype.
+
+    MXFP4-resident experts (gptoss_train.kernels.moe.attach_mxfp4_experts: `*_blocks`/`*_scales` buffers beside
+    zero-stride placeholders) are decoded once here. Reading MXFP4 inside the grouped GEMM would cut the bytes a
+    decode step reads by ~3x; it is the main remaining gap (docs/fast-generation.md).
+    """
+    if getattr(experts, "gate_up_proj_blocks", None) is not None and getattr(experts, "down_proj_blocks", None) is not None:
         from gptoss_train.quant.mxfp4 import decode
 
         gu = decode(experts.gate_up_proj_blocks, experts.gate_up_proj_scales, dtype=dtype, transpose=True)
         dn = decode(experts.down_proj_blocks, experts.down_proj_scales, dtype=dtype, transpose=True)
         return gu.contiguous(), dn.contiguous()
+    gate_up = getattr(experts, "gate_up_proj", None)
+    down = getattr(experts, "down_proj", None)
+    if isinstance(gate_up, Tensor) and isinstance(down, Tensor) and gate_up.dim() == 3 and gate_up.is_floating_point():
+        if gate_up.stride(0) == 0:
+            raise UnsupportedModel("expert weights are placeholders without MXFP4 buffers")
+        return gate_up.detach(), down.detach()
     raise UnsupportedModel(f"unrecognised experts module {type(experts).__name__}: no dense or MXFP4 weights")
 
 
