@@ -41,13 +41,18 @@ def install_recompute(model, recompute: str) -> None:
     if recompute not in RECOMPUTE_CHOICES:
         raise ValueError(f"recompute={recompute!r}: choose one of {', '.join(RECOMPUTE_CHOICES)}")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # A KV cache would grow again during recomputation (transformers' own checkpointing turns it off too).
+    base.config.use_cache = False
     if recompute == "layer":
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers >= 5.2x renamed it activation_checkpointing_enable; 5.17 (GPU image) has the old name only
+        enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
         if hasattr(base, "enable_input_require_grads"):
             base.enable_input_require_grads()
         return
-    if base.is_gradient_checkpointing:
-        base.gradient_checkpointing_disable()
+    renamed = hasattr(type(base), "is_activation_checkpointing")
+    if base.is_activation_checkpointing if renamed else base.is_gradient_checkpointing:
+        (getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable)()
     targets = {"experts": "GptOssMLP", "attention": "GptOssAttention"}.get(recompute)
     for module in base.modules():
         if targets and type(module).__name__ == targets:

@@ -33,3 +33,25 @@ def build_tiny_model(seed: int = 0, **overrides) -> GptOssForCausalLM:
 @pytest.fixture
 def tiny_model_factory():
     return build_tiny_model
+
+
+def add_lora(model, *, rank: int = 4, experts: bool = True, seed: int = 1):
+    """PEFT LoRA on attention (+ every expert) with random A and B, so every factor receives a non-zero gradient."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if experts else None,
+        init_lora_weights=False,
+    )
+    torch.manual_seed(seed)
+    return get_peft_model(model, config)
+
+
+def lora_grads(model) -> dict:
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30))

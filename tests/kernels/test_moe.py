@@ -1,0 +1,97 @@
+"""Grouped MoE experts + PEFT LoRA (bf16/fp32 and MXFP4-resident) vs transformers' experts under PEFT."""
+
+import copy
+
+import pytest
+import torch
+
+from gptoss_train.kernels.moe import (_unwrap_experts, attach_mxfp4_experts, decode_mxfp4_experts,
+                                      install_fast_experts, moe_experts_forward)
+
+from conftest import add_lora, build_tiny_model, lora_grads, rel_err
+
+mxfp4 = pytest.importorskip("gptoss_train.quant.mxfp4")
+
+
+def _ids(seed=0, shape=(2, 12)):
+    return torch.randint(0, 512, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _compare_lora_training(reference, fast, ids):
+    ref_loss = reference(input_ids=ids, labels=ids).loss
+    fast_loss = fast(input_ids=ids, labels=ids).loss
+    ref_loss.backward()
+    fast_loss.backward()
+    assert rel_err(fast_loss, ref_loss) < 1e-5
+    ref_grads = lora_grads(reference)
+    fast_grads = lora_grads(fast)
+    assert any("experts" in name for name in fast_grads)
+    for name, grad in fast_grads.items():
+        assert grad.abs().sum() > 0, f"{name} received no gradient"
+        assert rel_err(grad, ref_grads[name]) < 1e-2, name
+
+
+def test_grouped_experts_with_lora_match_peft():
+    model = build_tiny_model()
+    reference = add_lora(copy.deepcopy(model))
+    fast = add_lora(copy.deepcopy(model))
+    assert install_fast_experts(fast) == 2
+    _compare_lora_training(reference, fast, _ids())
+
+
+def test_every_expert_adapter_is_read():
+    """The per-expert LoRA factor views pick PEFT's layout (A rows expert-major, B columns rank-major)."""
+    fast = add_lora(build_tiny_model(), rank=3)
+    base, adapters = _unwrap_experts(fast.get_base_model().model.layers[0].mlp.experts)
+    wrapper = fast.get_base_model().model.layers[0].mlp.experts  # outer wrapper: down_proj
+    lora_a, lora_b, scaling = adapters["down_proj"][0]
+    delta = torch.einsum("eir,ero->eio", lora_a, lora_b) * scaling
+    assert rel_err(delta, wrapper.get_delta_weight("default")) < 1e-6
+    assert lora_a.shape == (4, base.intermediate_size, 3) and lora_b.shape == (4, 3, base.hidden_size)
+
+
+def test_routed_output_matches_transformers_experts():
+    model = build_tiny_model()
+    mlp = model.model.layers[0].mlp
+    hidden = torch.randn(10, 64, generator=torch.Generator().manual_seed(4))
+    _, scores, indices = mlp.router(hidden)
+    with torch.no_grad():
+        expected = mlp.experts(hidden, indices, scores)
+        got = moe_experts_forward(hidden, indices, scores, mlp.experts)
+    assert rel_err(got, expected) < 1e-5
+
+
+def _mxfp4_pair(model):
+    """(reference with dense experts = decode(MXFP4), fast model holding only the MXFP4 bytes)."""
+    quantized = copy.deepcopy(model)
+    for layer in quantized.model.layers:
+        experts = layer.mlp.experts
+        gate_up = mxfp4.encode(experts.gate_up_proj.detach().transpose(-1, -2).contiguous())
+        down = mxfp4.encode(experts.down_proj.detach().transpose(-1, -2).contiguous())
+        with torch.no_grad():
+            experts.gate_up_proj.copy_(mxfp4.decode(*gate_up, dtype=torch.float32, transpose=True))
+            experts.down_proj.copy_(mxfp4.decode(*down, dtype=torch.float32, transpose=True))
+        experts._mxfp4_bytes = (*gate_up, *down)
+    reference = copy.deepcopy(quantized)
+    fast = quantized
+    for layer in fast.model.layers:
+        attach_mxfp4_experts(layer.mlp.experts, *layer.mlp.experts._mxfp4_bytes)
+        del layer.mlp.experts._mxfp4_bytes
+    return reference, fast
+
+
+def test_mxfp4_resident_experts_match_dense_decode():
+    reference, fast = _mxfp4_pair(build_tiny_model())
+    experts = fast.model.layers[0].mlp.experts
+    # placeholders cost 2 bytes each: no dense copy of the experts stays resident
+    assert experts.gate_up_proj.untyped_storage().nbytes() <= 4
+    assert experts.gate_up_proj.shape == reference.model.layers[0].mlp.experts.gate_up_proj.shape
+    reference, fast = add_lora(reference), add_lora(fast)
+    install_fast_experts(fast)
+    _compare_lora_training(reference, fast, _ids(5))
+
+
+def test_hot_path_decode_equals_codec():
+    x = torch.randn(3, 8, 64, generator=torch.Generator().manual_seed(6)) * 3
+    blocks, scales = mxfp4.encode(x)
+    assert torch.equal(decode_mxfp4_experts(blocks, scales, torch.float32), mxfp4.decode(blocks, scales, dtype=torch.float32))
