@@ -130,6 +130,14 @@ def _staging_dir(out: Path) -> Path:
     return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
 
 
+def _make_readable(staged: Path) -> None:
+    """mkdtemp/mkstemp create 0700/0600 entries; a served model must be readable like any file the user writes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [staged, *staged.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def _move_into_place(staged: Path, out: Path, force: bool) -> None:
     if out.exists() or out.is_symlink():
         if not force:
@@ -221,6 +229,7 @@ def export_model(
 
                     (staged / "Modelfile").write_text(modelfile_text(gguf_name))
                 result_in_staged = staged
+        _make_readable(staged)
         if on_report is not None and report.tensors:
             on_report(report)
         if format == "gguf" and out.suffix == ".gguf":

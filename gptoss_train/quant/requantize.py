@@ -8,7 +8,8 @@ fine-tuning the experts are dense; to ship the model in its native format we mus
   re-encoding would give the same values but not always the same bytes (non-canonical blocks, sign of zero; formats.md
   §3.4), and byte identity is what lets users check that untouched experts really are untouched.
 * A changed expert is encoded with the canonical rule (``mxfp4.encode``) and ``keep_scales`` = the original scales, so a
-  small nudge does not make a block jump to the next scale.
+  small nudge does not make a block jump to the next scale. Within it, a block whose values did not change keeps its
+  bytes as well.
 
 Each tensor gets a report that says how much of the fine-tune survived: relative quantization error, fraction of
 32-element blocks whose bytes changed, and the kept share of the fine-tuning delta Δ = W − W0, measured as the cosine
@@ -182,6 +183,11 @@ def requantize_experts(
         w_changed = w[changed]
         blocks_new, scales_new = mxfp4.encode(w_changed, rule=rule, keep_scales=scales0[changed])
         wq = mxfp4.decode(blocks_new, scales_new, dtype=torch.float32)
+        # A block whose values came back unchanged keeps its original bytes too (they can differ only in the sign
+        # of a zero or a non-canonical scale), so "bytes changed" means "values changed".
+        same_values = (wq == w0[changed]).unflatten(-1, (-1, mxfp4.BLOCK_SIZE)).all(dim=-1)
+        blocks_new = torch.where(same_values.unsqueeze(-1), blocks0[changed], blocks_new)
+        scales_new = torch.where(same_values, scales0[changed], scales_new)
         delta = w_changed - w0[changed]
         delta_q = wq - w0[changed]
         sums["err2"] += float((wq - w_changed).square().sum())
