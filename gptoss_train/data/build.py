@@ -16,6 +16,7 @@ user message) are always skipped and counted as ``no trained tokens``: they are 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import Enum
@@ -84,16 +85,41 @@ def record_to_conversation(record: SourceRecord, *, reasoning_effort: str | None
     if any(isinstance(m, dict) and m.get("role") in _INSTRUCTION_ROLES for m in messages):
         developer = None  # the conversation brings its own developer prompt
     effort = row.get("reasoning_effort") or reasoning_effort
+    tools = _tools_of(record, row.get("tools"))
     try:
         return conversation_from_chat(
             messages,
-            tools=row.get("tools"),
+            tools=tools,
             reasoning_effort=effort,
             developer_instructions=developer if isinstance(developer, str) and developer.strip() else None,
             conversation_start_date=row.get("conversation_start_date"),
         )
     except ConversationError as exc:
         raise record.fail(str(exc), exc.reason) from None
+
+
+def _drop_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _drop_nulls(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(item) for item in value]
+    return value
+
+
+def _tools_of(record: SourceRecord, tools: Any) -> list | None:
+    """The row's tools: a list, or a JSON string of one (datasets often store tools as text).
+
+    Keys whose value is null are dropped: Arrow gives every row the union of all rows' schema keys and fills the
+    missing ones with None, which would otherwise show up as bogus parameters in the rendered tool definitions.
+    """
+    if tools is None or tools == "":
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as exc:
+            raise record.fail(f"\"tools\" is a string but not JSON ({exc.msg})", "invalid tools") from None
+    return _drop_nulls(tools)
 
 
 def render_record(
