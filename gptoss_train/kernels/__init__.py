@@ -53,11 +53,15 @@ def install_recompute(model, recompute: str) -> None:
     renamed = hasattr(type(base), "is_activation_checkpointing")
     if base.is_activation_checkpointing if renamed else base.is_gradient_checkpointing:
         (getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable)()
-    targets = {"experts": "GptOssMLP", "attention": "GptOssAttention"}.get(recompute)
+    target = {"experts": "GptOssMLP", "attention": "GptOssAttention"}.get(recompute)
     for module in base.modules():
-        if targets and type(module).__name__ == targets:
-            original = module.forward
-            module.forward = functools.partial(_checkpointed_forward, original)
+        # undo an earlier choice first, so calling this again switches instead of stacking checkpoints
+        original = module.__dict__.pop("_forward_before_recompute", None)
+        if original is not None:
+            module.forward = original
+        if target and type(module).__name__ == target:
+            module._forward_before_recompute = module.forward
+            module.forward = functools.partial(_checkpointed_forward, module.forward)
 
 
 def enable_fast_training(model, *, attention: bool = True, experts: bool = True, loss: bool = True,

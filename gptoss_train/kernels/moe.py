@@ -43,10 +43,19 @@ def _decode_mxfp4_compiled():
     return torch.compile(_decode_mxfp4_eager, dynamic=False)
 
 
+_compiled_decode_failed = False
+
+
 def decode_mxfp4_experts(blocks: torch.Tensor, scales: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
     """Decode a stack of expert matrices for the hot path; numerically identical to ``quant.mxfp4.decode``."""
-    if blocks.is_cuda:
-        return _decode_mxfp4_compiled()(blocks, scales, dtype)
+    global _compiled_decode_failed
+    if blocks.is_cuda and not _compiled_decode_failed:
+        try:
+            return _decode_mxfp4_compiled()(blocks, scales, dtype)
+        except Exception as err:  # noqa: BLE001 - a compiler failure must not stop training: decode unfused
+            _compiled_decode_failed = True
+            import warnings
+            warnings.warn(f"compiled MXFP4 decode failed ({type(err).__name__}: {err}); using the unfused decode")
     return _decode_mxfp4_eager(blocks, scales, dtype)
 
 

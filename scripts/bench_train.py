@@ -1,0 +1,340 @@
+#!/usr/bin/env python3
+"""Training-throughput benchmark: the Hugging Face LoRA path and ours, side by side, in one process, on one GPU.
+
+    source scripts/device_setup.sh
+    python scripts/bench_train.py --out /tmp/bench                  # everything (about 6 minutes on an H100)
+    python scripts/bench_train.py --phases hf,fast --steps 3        # just the head-to-head
+
+Same random gpt-oss-20b-shaped model and the same batches for both paths (4 x 2048 tokens, LoRA r=8):
+  hf       transformers eager attention + grouped_mm experts, PEFT LoRA on attention + experts of layers 7/15/23
+           (the HF recipe), dense bf16 experts decoded from the MXFP4 bytes, gradient checkpointing.
+  fast     gptoss_train.kernels.enable_fast_training on the same model, experts now MXFP4-resident (the dense copy
+           is freed), each recompute choice measured; then LoRA on all experts.
+  long     largest sequence (16K/32K/64K, batch 1) that trains, all-expert LoRA.
+  120b     120b-shaped model, MXFP4 experts resident, LoRA on attention + all experts: does a step fit on the card?
+Reported per row: tokens/s, useful-FLOP utilisation (4 x active params per token, against a bf16 matmul measured in
+this run) and peak allocated memory. Weights are random: throughput and memory do not depend on their values.
+A JSON line per measurement goes to --out/results.jsonl; a torch.profiler table of one fast step to profile_fast.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gptoss_train.kernels import enable_fast_training, install_recompute  # noqa: E402
+from gptoss_train.kernels.moe import _unwrap_experts, attach_mxfp4_experts, decode_mxfp4_experts  # noqa: E402
+
+SHAPES = {
+    # gpt-oss-20b / -120b (config.json of the released checkpoints); "tiny" is a CPU smoke-test shape.
+    "20b": dict(num_hidden_layers=24, num_local_experts=32, hidden_size=2880, intermediate_size=2880,
+                num_attention_heads=64, num_key_value_heads=8, head_dim=64, vocab_size=201088),
+    "120b": dict(num_hidden_layers=36, num_local_experts=128, hidden_size=2880, intermediate_size=2880,
+                 num_attention_heads=64, num_key_value_heads=8, head_dim=64, vocab_size=201088),
+    "tiny": dict(num_hidden_layers=4, num_local_experts=4, hidden_size=128, intermediate_size=128,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=4096),
+}
+HF_RECIPE_EXPERT_LAYERS = (7, 15, 23)
+
+
+def gpt_oss_config(shape: str):
+    from transformers import GptOssConfig
+
+    dims = SHAPES[shape]
+    layers = dims["num_hidden_layers"]
+    return GptOssConfig(**dims, num_experts_per_tok=4, sliding_window=128, max_position_embeddings=131072,
+                        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+                        attention_dropout=0.0, tie_word_embeddings=False, use_cache=False)
+
+
+def random_mxfp4(num_experts: int, rows: int, cols: int, device, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random MXFP4 matrices [E, rows, cols] in HF layout; scale bytes 116-119 give |w| <= 0.023 (like std-0.02 init)."""
+    blocks = torch.randint(0, 256, (num_experts, rows, cols // 32, 16), dtype=torch.uint8, device=device,
+                           generator=generator)
+    scales = torch.randint(116, 120, (num_experts, rows, cols // 32), dtype=torch.uint8, device=device,
+                           generator=generator)
+    return blocks, scales
+
+
+def build_random_model(shape: str, *, experts: str, device: str, dtype=torch.bfloat16, seed: int = 0):
+    """A GptOssForCausalLM of ``shape`` with random weights; experts ``"dense"`` (decoded from random MXFP4 bytes,
+    which are returned on the CPU so the same weights can be attached later) or ``"mxfp4"`` (resident bytes only).
+
+    Built on the meta device and materialised piece by piece, so a 120b shape never allocates dense experts."""
+    from transformers import GptOssForCausalLM
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRotaryEmbedding
+
+    config = gpt_oss_config(shape)
+    config._attn_implementation = "eager"
+    with torch.device("meta"):
+        model = GptOssForCausalLM(config).to(dtype)
+    for layer in model.model.layers:  # drop the dense expert stacks before materialising anything
+        layer.mlp.experts.gate_up_proj = torch.nn.Parameter(torch.empty(1, device="meta", dtype=dtype))
+        layer.mlp.experts.down_proj = torch.nn.Parameter(torch.empty(1, device="meta", dtype=dtype))
+    model.to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            elif name.endswith("_bias") or name.endswith(".bias"):
+                param.zero_()
+            else:
+                param.normal_(0.0, 0.02, generator=generator)
+    with torch.device(device):
+        model.model.rotary_emb = GptOssRotaryEmbedding(config=config)
+    mxfp4_bytes = []
+    hidden, inter, num_experts = config.hidden_size, config.intermediate_size, config.num_local_experts
+    for layer in model.model.layers:
+        gate_up = random_mxfp4(num_experts, 2 * inter, hidden, device, generator)
+        down = random_mxfp4(num_experts, hidden, inter, device, generator)
+        module = layer.mlp.experts
+        if experts == "mxfp4":
+            attach_mxfp4_experts(module, *gate_up, *down)
+        else:  # dense [E, in, out] = transposed decode of the same bytes
+            module.gate_up_proj = torch.nn.Parameter(decode_mxfp4_experts(*gate_up, dtype).transpose(1, 2).contiguous())
+            module.down_proj = torch.nn.Parameter(decode_mxfp4_experts(*down, dtype).transpose(1, 2).contiguous())
+            mxfp4_bytes.append(tuple(t.cpu() for t in (*gate_up, *down)))
+    return model, mxfp4_bytes
+
+
+def make_mxfp4_resident(model, mxfp4_bytes, device) -> None:
+    """Swap every layer's dense experts for the MXFP4 bytes they were decoded from (frees the dense stacks)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for layer, stored in zip(base.model.layers, mxfp4_bytes):
+        experts, _ = _unwrap_experts(layer.mlp.experts)
+        attach_mxfp4_experts(experts, *(t.to(device) for t in stored))
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def lora_config(*, expert_layers, rank: int = 8):
+    """The HF recipe's LoRA (all-linear = attention projections) plus experts of ``expert_layers`` (None: all)."""
+    from peft import LoraConfig
+
+    if expert_layers is None:
+        targets = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    else:
+        targets = [f"{i}.mlp.experts.{name}" for i in expert_layers for name in ("gate_up_proj", "down_proj")]
+    return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear",
+                      target_parameters=targets)
+
+
+def active_params_per_token(config) -> int:
+    h, d = config.hidden_size, config.head_dim
+    attention = h * d * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+    experts = config.num_experts_per_tok * 3 * h * config.intermediate_size
+    router = h * config.num_local_experts
+    return config.num_hidden_layers * (attention + experts + router) + config.vocab_size * h
+
+
+def matmul_tflops(device, size: int = 8192, reps: int = 10) -> float:
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * size**3 * reps / (start.elapsed_time(end) / 1e3) / 1e12
+
+
+def train_steps(model, batch, *, steps: int, warmup: int, profile_to: Path | None = None) -> tuple[float, float, float]:
+    """(seconds per step, peak GiB, last loss) for `steps` optimizer steps after `warmup` ones."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    model.train()
+    cuda = batch.is_cuda
+    loss = None
+
+    def step():
+        nonlocal loss
+        out = model(input_ids=batch, labels=batch)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss = out.loss.detach()
+
+    for _ in range(warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / steps
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    if profile_to is not None and cuda:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            step()
+            torch.cuda.synchronize()
+        profile_to.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+    del optimizer
+    return seconds, peak, float(loss)
+
+
+class Report:
+    def __init__(self, out_dir: Path, flops_per_token: float, matmul_rate: float):
+        self.out_dir, self.flops_per_token, self.matmul_rate = out_dir, flops_per_token, matmul_rate
+        self.rows: list[dict] = []
+
+    def add(self, **row):
+        if "seconds" in row and "tokens" in row:
+            row["tokens_per_s"] = row["tokens"] / row["seconds"]
+            row["useful_tflops"] = row["tokens_per_s"] * self.flops_per_token / 1e12
+            row["utilisation"] = row["useful_tflops"] / self.matmul_rate if self.matmul_rate else float("nan")
+        self.rows.append(row)
+        with open(self.out_dir / "results.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print("RESULT", json.dumps(row), flush=True)
+
+    def table(self) -> str:
+        lines = [f"{'run':<44} {'tok/s':>8} {'util':>6} {'peak GiB':>9} {'loss':>7}"]
+        for r in self.rows:
+            if "tokens_per_s" in r:
+                lines.append(f"{r['run']:<44} {r['tokens_per_s']:>8.0f} {r['utilisation']:>6.1%} "
+                             f"{r['peak_gib']:>9.1f} {r.get('loss', float('nan')):>7.3f}")
+            else:
+                lines.append(f"{r['run']:<44} {r.get('status', '')}")
+        return "\n".join(lines)
+
+
+def _free(*objects):
+    for obj in objects:
+        del obj
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _try_step(report: Report, run: str, model, batch, **kwargs):
+    try:
+        seconds, peak, loss = train_steps(model, batch, **kwargs)
+        report.add(run=run, tokens=batch.numel(), seconds=seconds, peak_gib=peak, loss=loss)
+        return True
+    except torch.OutOfMemoryError as err:
+        report.add(run=run, status=f"out of memory ({str(err).splitlines()[0][:120]})")
+        return False
+    finally:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="20b", choices=["20b", "tiny"], help="model shape of the head-to-head")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens there)")
+    parser.add_argument("--phases", default="hf,fast,recompute,all_experts,long,120b",
+                        help="comma list of: hf, fast, recompute, all_experts, long, 120b")
+    parser.add_argument("--long-seqs", default="16384,32768,65536")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench_out")))
+    args = parser.parse_args(argv)
+    phases = set(args.phases.split(","))
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    from peft import get_peft_model
+    import peft
+    import transformers
+
+    print(f"device={torch.cuda.get_device_name() if device == 'cuda' else 'cpu'} torch={torch.__version__} "
+          f"transformers={transformers.__version__} peft={peft.__version__}", flush=True)
+    config = gpt_oss_config(args.shape)
+    rate = matmul_tflops(device) if device == "cuda" else float("nan")
+    report = Report(args.out, 4 * active_params_per_token(config), rate)
+    report.add(run="bf16 matmul 8192^3", status=f"{rate:.0f} TFLOP/s", tflops=rate,
+               active_params=active_params_per_token(config))
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    batch = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device,
+                          generator=torch.Generator(device=device).manual_seed(1))
+    recipe_layers = [i for i in HF_RECIPE_EXPERT_LAYERS if i < config.num_hidden_layers] or [0]
+
+    model, stored = build_random_model(args.shape, experts="dense", device=device, dtype=dtype)
+    model.gradient_checkpointing_enable({"use_reentrant": False})
+    model.enable_input_require_grads()
+    model = get_peft_model(model, lora_config(expert_layers=recipe_layers))
+    if "hf" in phases:
+        base = model.get_base_model()
+        if hasattr(base, "set_experts_implementation"):
+            with contextlib.suppress(Exception):
+                base.set_experts_implementation("grouped_mm")
+        experts_impl = getattr(base.config, "_experts_implementation", None)
+        _try_step(report, f"HF eager + {experts_impl} experts, LoRA L7/15/23", model, batch,
+                  steps=args.steps, warmup=args.warmup)
+
+    if phases & {"fast", "recompute", "all_experts", "long"}:
+        make_mxfp4_resident(model, stored, device)
+        description = enable_fast_training(model, recompute="layer", force=device != "cuda")
+        print(description, flush=True)
+        if "fast" in phases:
+            _try_step(report, "ours MXFP4, LoRA L7/15/23, recompute=layer", model, batch, steps=args.steps,
+                      warmup=args.warmup, profile_to=args.out / "profile_fast.txt")
+        if "recompute" in phases:
+            for choice in ("experts", "attention", "none"):
+                install_recompute(model, choice)
+                _try_step(report, f"ours MXFP4, LoRA L7/15/23, recompute={choice}", model, batch,
+                          steps=args.steps, warmup=1)
+            install_recompute(model, "layer")
+        if phases & {"all_experts", "long"}:
+            base = model.unload()
+            _free(model)
+            model = get_peft_model(base, lora_config(expert_layers=None))
+            if "all_experts" in phases:
+                _try_step(report, "ours MXFP4, LoRA attn + all experts, recompute=layer", model, batch,
+                          steps=args.steps, warmup=1)
+            if "long" in phases:
+                for seq in (int(s) for s in args.long_seqs.split(",")):
+                    long_batch = torch.randint(0, config.vocab_size, (1, seq), device=device)
+                    if not _try_step(report, f"ours long context 1 x {seq}, all experts", model, long_batch,
+                                     steps=1, warmup=1):
+                        break
+    _free(model, stored)
+    model = stored = None
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+    if "120b" in phases:
+        shape = "120b" if args.shape == "20b" else "tiny"
+        try:
+            big, _ = build_random_model(shape, experts="mxfp4", device=device, dtype=dtype)
+            resident = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else float("nan")
+            report.add(run=f"{shape} MXFP4-resident weights", status=f"{resident:.1f} GiB resident")
+            big = get_peft_model(big, lora_config(expert_layers=None))
+            enable_fast_training(big, recompute="layer", force=device != "cuda")
+            for rows in (1, args.batch):
+                big_batch = torch.randint(0, config.vocab_size, (rows, args.seq), device=device)
+                if not _try_step(report, f"{shape} LoRA attn + all experts, {rows} x {args.seq}", big, big_batch,
+                                 steps=1, warmup=1):
+                    break
+        except torch.OutOfMemoryError as err:
+            report.add(run=f"{shape} build", status=f"out of memory: {str(err).splitlines()[0][:120]}")
+
+    print("\n" + report.table(), flush=True)
+    (args.out / "table.txt").write_text(report.table() + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
