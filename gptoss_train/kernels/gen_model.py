@@ -87,8 +87,8 @@ class ModelWeights:
     final_norm: Tensor
     norm_eps: float
     lm_head: Tensor
-    cos: Tensor  # [max_seq_len, head_dim / 2] from the model's own rotary embedding (YaRN included)
-    sin: Tensor
+    cos2: Tensor  # [max_seq_len, head_dim]: [cos, cos] from the model's own rotary embedding (YaRN included)
+    sin2: Tensor  # [-sin, sin]
     num_heads: int
     num_kv_heads: int
     head_dim: int
@@ -227,8 +227,8 @@ def collect_weights(model, max_seq_len: int) -> ModelWeights:
         layers.append(
             LayerWeights(
                 sliding=cfg.layer_types[i] == "sliding_attention",
-                input_norm=layer.input_layernorm.weight.detach(),
-                post_norm=layer.post_attention_layernorm.weight.detach(),
+                input_norm=layer.input_layernorm.weight.detach().float(),
+                post_norm=layer.post_attention_layernorm.weight.detach().float(),
                 norm_eps=layer.input_layernorm.variance_epsilon,
                 qkv_w=torch.cat([q.weight, k.weight, v.weight]).detach(),
                 qkv_b=qkv_b,
@@ -261,11 +261,11 @@ def collect_weights(model, max_seq_len: int) -> ModelWeights:
     return ModelWeights(
         layers=layers,
         embed=core.embed_tokens.weight.detach(),
-        final_norm=core.norm.weight.detach(),
+        final_norm=core.norm.weight.detach().float(),
         norm_eps=core.norm.variance_epsilon,
         lm_head=head.weight.detach(),
-        cos=cos[0].contiguous(),
-        sin=sin[0].contiguous(),
+        cos2=torch.cat([cos[0], cos[0]], dim=-1).contiguous(),
+        sin2=torch.cat([-sin[0], sin[0]], dim=-1).contiguous(),
         num_heads=cfg.num_attention_heads,
         num_kv_heads=cfg.num_key_value_heads,
         head_dim=cfg.head_dim,
@@ -304,18 +304,18 @@ class KVCache:
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    # Same operation order as GptOssRMSNorm (fp32 statistics, weight applied before the cast back).
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (weight * xf).to(x.dtype)
+    # GptOssRMSNorm's arithmetic (fp32 statistics, fp32 weight applied before the cast back) in one fused op.
+    return F.rms_norm(x.float(), (x.shape[-1],), weight, eps).to(x.dtype)
 
 
-def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [T, heads, D], cos/sin [T, D/2]: GptOss' half-split rotation."""
-    cos = cos[:, None, :]
-    sin = sin[:, None, :]
-    first, second = torch.chunk(x, 2, dim=-1)
-    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+def rope(x: Tensor, cos2: Tensor, sin2: Tensor) -> Tensor:
+    """GptOss' half-split rotation. x [T, heads, D]; cos2 = [cos, cos], sin2 = [-sin, sin], both [T, D].
+
+    x * cos2 + roll(x, D/2) * sin2 is the same arithmetic as [a*cos - b*sin, b*cos + a*sin] (a - b == a + (-b)),
+    in three kernels instead of seven; q and k heads go through it together.
+    """
+    rolled = torch.roll(x, x.shape[-1] // 2, dims=-1)
+    return torch.addcmul(x * cos2[:, None, :], rolled, sin2[:, None, :])
 
 
 def grouped_mm_supported(weight: Tensor) -> bool:
@@ -372,7 +372,7 @@ def moe(w: ModelWeights, layer: LayerWeights, h: Tensor, use_grouped: bool) -> T
     # Un-sort and add the top-k contributions in fp32: deterministic (no atomics), unlike index_add_ on CUDA.
     unsorted = torch.empty_like(out)
     unsorted[order] = out
-    return unsorted.view(tokens, top_k, -1).float().sum(dim=1).to(h.dtype)
+    return unsorted.view(tokens, top_k, -1).sum(dim=1, dtype=torch.float32).to(h.dtype)
 
 
 def _expert_lora(x: Tensor, lora: ExpertLoRA, offs: Tensor, expert_of_row: Tensor, use_grouped: bool) -> Tensor:
@@ -380,23 +380,23 @@ def _expert_lora(x: Tensor, lora: ExpertLoRA, offs: Tensor, expert_of_row: Tenso
     return expert_mm(t, lora.rhs, offs, expert_of_row, use_grouped) * lora.scaling
 
 
-def qkv_projection(w: ModelWeights, layer: LayerWeights, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def qkv_rope(
+    w: ModelWeights, layer: LayerWeights, h: Tensor, cos2: Tensor, sin2: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Projected, rotated q [T, H, D], k [T, Hkv, D] and v [T, Hkv, D]."""
     qkv = F.linear(h, layer.qkv_w, layer.qkv_b)
+    t = h.shape[0]
     q_dim = w.num_heads * w.head_dim
     kv_dim = w.num_kv_heads * w.head_dim
-    q, k, v = qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
-    if layer.lora_q is not None:
-        q = q + layer.lora_q(h)
-    if layer.lora_k is not None:
-        k = k + layer.lora_k(h)
-    if layer.lora_v is not None:
-        v = v + layer.lora_v(h)
-    t = h.shape[0]
-    return (
-        q.reshape(t, w.num_heads, w.head_dim),
-        k.reshape(t, w.num_kv_heads, w.head_dim),
-        v.reshape(t, w.num_kv_heads, w.head_dim),
-    )
+    if layer.lora_q is not None or layer.lora_k is not None or layer.lora_v is not None:
+        delta = [
+            lora(h) if lora is not None else h.new_zeros(t, dim)
+            for lora, dim in ((layer.lora_q, q_dim), (layer.lora_k, kv_dim), (layer.lora_v, kv_dim))
+        ]
+        qkv = qkv + torch.cat(delta, dim=-1)
+    heads = qkv.view(t, w.num_heads + 2 * w.num_kv_heads, w.head_dim)
+    qk = rope(heads[:, : w.num_heads + w.num_kv_heads], cos2, sin2)
+    return qk[:, : w.num_heads], qk[:, w.num_heads :], heads[:, w.num_heads + w.num_kv_heads :]
 
 
 def out_projection(layer: LayerWeights, attn: Tensor) -> Tensor:
@@ -480,12 +480,11 @@ def prefill(
         pos.extend(range(len(p)))
     ids_t = torch.tensor(ids, dtype=torch.long, device=device)
     pos_t = torch.tensor(pos, dtype=torch.long, device=device)
-    cos, sin = w.cos[pos_t], w.sin[pos_t]
+    cos2, sin2 = w.cos2[pos_t], w.sin2[pos_t]
     x = w.embed[ids_t]
     for li, layer in enumerate(w.layers):
         h = rms_norm(x, layer.input_norm, layer.norm_eps)
-        q, k, v = qkv_projection(w, layer, h)
-        q, k = rope(q, cos, sin), rope(k, cos, sin)
+        q, k, v = qkv_rope(w, layer, h, cos2, sin2)
         for (start, length), slot in zip(spans, slots):
             if layer.sliding:
                 keep = torch.arange(max(0, length - w.window), length, device=device)
@@ -516,14 +515,15 @@ def decode_attention(
     """One query token per slot. q [B, H, D]; keys/values [B, Hkv, L, D]; valid [B, L] bool."""
     batch, heads, d = q.shape
     kv_heads = keys.shape[1]
-    qg = q.view(batch, kv_heads, heads // kv_heads, d)
-    scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * scale  # [B, Hkv, G, L]
+    groups = heads // kv_heads
+    qg = q.reshape(batch, kv_heads, groups, d)
+    scores = torch.matmul(qg, keys.transpose(-1, -2))  # [B, Hkv, G, L], activation dtype as the eager path
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    sink = sinks.float().view(1, kv_heads, heads // kv_heads, 1)
-    peak = torch.maximum(scores.amax(dim=-1, keepdim=True), sink)
-    probs = torch.exp(scores - peak)
-    probs = probs / (probs.sum(dim=-1, keepdim=True) + torch.exp(sink - peak))
-    out = torch.matmul(probs.to(values.dtype), values)  # [B, Hkv, G, D]
+    # The sink is one more logit per head in the softmax; divided by `scale` here because the scale multiplies
+    # the whole row below (scale is a power of two: exact).
+    sink = (sinks.float() / scale).to(scores.dtype).view(1, kv_heads, groups, 1).expand(batch, -1, -1, -1)
+    probs = torch.softmax(torch.cat([scores, sink], dim=-1) * scale, dim=-1, dtype=torch.float32)
+    out = torch.matmul(probs[..., :-1].to(values.dtype), values)  # [B, Hkv, G, D]
     return out.reshape(batch, heads * d)
 
 
@@ -537,15 +537,14 @@ def decode_step(
     """
     batch = tokens.shape[0]
     rows = torch.arange(batch, device=tokens.device)
-    cos, sin = w.cos[positions], w.sin[positions]
+    cos2, sin2 = w.cos2[positions], w.sin2[positions]
     full_valid = torch.arange(kv_len, device=tokens.device)[None, :] <= positions[:, None]
     ring_valid = torch.arange(max(w.window, 1), device=tokens.device)[None, :] <= positions[:, None]
     ring_pos = positions % max(w.window, 1)
     x = w.embed[tokens]
     for li, layer in enumerate(w.layers):
         h = rms_norm(x, layer.input_norm, layer.norm_eps)
-        q, k, v = qkv_projection(w, layer, h)
-        q, k = rope(q, cos, sin), rope(k, cos, sin)
+        q, k, v = qkv_rope(w, layer, h, cos2, sin2)
         kc, vc = cache.k[li], cache.v[li]
         if layer.sliding:
             kc[rows, :, ring_pos] = k

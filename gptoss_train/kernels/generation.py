@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,7 @@ class GenerationStats:
     decode_tokens: int = 0  # tokens produced by decode steps (first tokens come from prefill)
     first_token_s: float | None = None  # from the call's start until the first sequence had its first token
     graphs_captured: int = 0
+    capture_s: float = 0.0  # part of decode_s spent capturing graphs (first use of a batch/length bucket)
 
 
 def _length_buckets(max_seq_len: int) -> list[int]:
@@ -154,9 +156,16 @@ class FastGenerator:
         key = (batch, kv_len)
         graph = self._graphs.get(key)
         if graph is None:
-            graph = self._capture(batch, kv_len)
+            t0 = time.perf_counter()
+            try:
+                graph = self._capture(batch, kv_len)
+            except RuntimeError as err:  # e.g. an op that syncs in this torch build: run eagerly from now on
+                warnings.warn(f"CUDA graph capture failed, decoding without graphs: {err}", stacklevel=2)
+                self.use_cuda_graphs = False
+                return self._run_decode(batch, kv_len)
             self._graphs[key] = graph
             self.stats.graphs_captured += 1
+            self.stats.capture_s += time.perf_counter() - t0
         graph.replay()
         return self._logits[:batch]
 
@@ -284,12 +293,13 @@ class FastGenerator:
                 continue
             t0 = time.perf_counter()
             batch = self._bucket(self._batch_buckets, live[-1] + 1)
-            self._tokens_host[:batch].zero_()
-            self._positions_host[:batch].zero_()
+            tokens, positions = [0] * batch, [0] * batch
             for i in live:
-                self._tokens_host[i] = slots[i].completion[-1]
-                self._positions_host[i] = slots[i].next_position
-            kv_len = self._bucket(self._length_buckets, int(self._positions_host[:batch].max()) + 1)
+                tokens[i] = slots[i].completion[-1]
+                positions[i] = slots[i].next_position
+            kv_len = self._bucket(self._length_buckets, max(positions) + 1)
+            self._tokens_host[:batch] = torch.tensor(tokens)
+            self._positions_host[:batch] = torch.tensor(positions)
             self._tokens[:batch].copy_(self._tokens_host[:batch], non_blocking=True)
             self._positions[:batch].copy_(self._positions_host[:batch], non_blocking=True)
             logits = self._run_decode(batch, kv_len)

@@ -1,0 +1,297 @@
+"""Generation throughput: transformers' generate() vs gptoss_train's FastGenerator, same model and prompts, one process.
+
+Run on the GPU machine (docs/benchmarks.md, "Generation throughput"):
+
+    source scripts/device_setup.sh
+    python scripts/bench_generate.py --out $OUT/gen-bench
+
+The model is gpt-oss-20b-shaped with random bf16 weights built in GPU memory (no download). Stock transformers runs
+with its per-expert loop (`experts_implementation="eager"`; its grouped_mm default gathers a [tokens*top_k, 2880,
+5760] weight copy and runs out of memory) and only a few tokens, since it is slow. For each (batch, prompt length):
+decode tokens/s (tokens produced by decode steps / decode time, graph captures excluded), time to first token (the
+first sequence's; and the whole batch's prefill), and peak GPU memory (weights included). Greedy decoding, no stop
+tokens, so every sequence runs to max_new_tokens. `--preset tiny` runs the same code on CPU in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from gptoss_train.kernels.gen_model import decode_step  # noqa: E402
+from gptoss_train.kernels.generation import FastGenerator  # noqa: E402
+
+PRESETS = {
+    # gpt-oss-20b: 24 layers alternating sliding (128) / full attention, 32 experts top-4, hidden 2880.
+    "20b": dict(num_hidden_layers=24, num_local_experts=32),
+    "tiny": dict(
+        num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2, hidden_size=64, intermediate_size=64,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+    ),
+}
+
+
+def build_random_model(preset: str, device: str, dtype: torch.dtype, seed: int = 0):
+    """A randomly initialised GptOssForCausalLM of the preset's shape, built directly on `device` in `dtype`."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    config = GptOssConfig(vocab_size=201088, **PRESETS[preset])
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = GptOssForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.eval().requires_grad_(False)
+    with torch.no_grad():  # non-zero biases, sinks and router (init leaves biases at zero)
+        for name, param in model.named_parameters():
+            if name.endswith(("_bias", "sinks")) or "router" in name:
+                param.normal_(0, 0.5 if "sinks" in name else 0.05)
+    return model
+
+
+def use_stock_experts(model, implementation: str) -> str:
+    """Select transformers' experts implementation (API moved between 5.x releases)."""
+    setter = getattr(model, "set_experts_implementation", None)
+    if setter is not None:
+        try:
+            setter(implementation)
+            return implementation
+        except Exception as err:  # noqa: BLE001 - report and fall back to the config attribute
+            print(f"set_experts_implementation({implementation!r}) failed: {err}")
+    model.config._experts_implementation = implementation
+    return implementation
+
+
+def random_prompts(batch: int, length: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    # Ordinary text ids (below the Harmony specials at 199998+).
+    return torch.randint(0, 199_000, (batch, length), generator=g).tolist()
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _reset_peak():
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib() -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def bench_ours(gen: FastGenerator, batch: int, prompt_len: int, new_tokens: int) -> dict:
+    prompts = random_prompts(batch, prompt_len, seed=batch * 100_000 + prompt_len)
+    _reset_peak()
+    _sync()
+    t0 = time.perf_counter()
+    out = gen.generate(prompts, max_new_tokens=new_tokens, temperature=0, stop_ids=())
+    _sync()
+    total = time.perf_counter() - t0
+    st = gen.stats
+    assert all(len(o) == new_tokens for o in out), "a sequence stopped early"
+    decode_s = st.decode_s - st.capture_s
+    return dict(
+        impl="ours", batch=batch, prompt=prompt_len, new_tokens=new_tokens,
+        decode_tok_s=st.decode_tokens / decode_s if decode_s > 0 else None,
+        step_ms=1000 * decode_s / max(st.decode_steps, 1),
+        ttft_s=st.first_token_s, prefill_batch_s=st.prefill_s, capture_s=st.capture_s,
+        graphs=st.graphs_captured, total_s=total, peak_gib=_peak_gib(),
+    )
+
+
+def bench_stock(model, batch: int, prompt_len: int, new_tokens: int) -> dict:
+    prompts = torch.tensor(random_prompts(batch, prompt_len, seed=batch * 100_000 + prompt_len), device=model.device)
+    mask = torch.ones_like(prompts)
+    row = dict(impl="transformers", batch=batch, prompt=prompt_len, new_tokens=new_tokens)
+
+    def run(n: int) -> float:
+        _sync()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(
+                prompts, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                pad_token_id=0, eos_token_id=None,
+            )
+        _sync()
+        return time.perf_counter() - t0
+
+    try:
+        _reset_peak()
+        t1 = run(1)
+        tn = run(new_tokens)
+        row.update(
+            decode_tok_s=batch * (new_tokens - 1) / (tn - t1) if tn > t1 else None,
+            step_ms=1000 * (tn - t1) / (new_tokens - 1), ttft_s=t1, prefill_batch_s=t1, total_s=tn, peak_gib=_peak_gib(),
+        )
+    except torch.OutOfMemoryError as err:
+        row.update(error=f"OOM: {str(err).splitlines()[0][:120]}")
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return row
+
+
+def graph_step_ms(gen: FastGenerator, batch: int, kv_len: int, iters: int = 50) -> float | None:
+    """Pure GPU time of one decode step (graph replay, no sampling or host work), by CUDA events."""
+    if not gen.use_cuda_graphs:
+        return None
+    gen._positions[:batch] = torch.arange(batch, device=gen.device) % 64 + kv_len // 2
+    gen._tokens[:batch] = 1
+    gen._run_decode(batch, kv_len)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(iters):
+        start.record()
+        gen._run_decode(batch, kv_len)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def profile_step(gen: FastGenerator, batch: int, kv_len: int, out_dir: Path) -> dict:
+    """Kernel-level profile of one eager decode step: count and time per kernel name (top 20 written)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen._positions[:batch] = kv_len // 2
+    gen._tokens[:batch] = 1
+    step = lambda: decode_step(  # noqa: E731
+        gen.weights, gen.cache, gen._tokens[:batch], gen._positions[:batch], kv_len, gen.use_grouped
+    )
+    step()
+    _sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        _sync()
+    rows = []
+    for ev in prof.key_averages():
+        dev_us = getattr(ev, "device_time_total", None)
+        if dev_us is None:
+            dev_us = getattr(ev, "cuda_time_total", 0)
+        if dev_us and ev.key and not ev.key.startswith(("aten::", "cuda", "Memcpy", "Memset")):
+            rows.append((ev.key, ev.count, dev_us))
+    rows.sort(key=lambda r: -r[2])
+    kernels = sum(r[1] for r in rows)
+    total_us = sum(r[2] for r in rows)
+    text = [f"batch {batch}, kv_len {kv_len}: {kernels} kernels, {total_us / 1000:.3f} ms kernel time (eager step)"]
+    text += [f"{us / 1000:9.3f} ms {count:6d}x  {name[:110]}" for name, count, us in rows[:20]]
+    (out_dir / f"profile_b{batch}.txt").write_text("\n".join(text) + "\n")
+    print("\n".join(text))
+    return dict(batch=batch, kv_len=kv_len, kernels=kernels, kernel_ms=total_us / 1000)
+
+
+def weight_bytes_per_step(model, batch: int) -> float:
+    """Fewest bytes one decode step must read: attention + router + lm_head + the experts the batch can touch."""
+    cfg = model.config
+    h, e, k = cfg.hidden_size, cfg.num_local_experts, cfg.num_experts_per_tok
+    expert = (h * 2 * cfg.intermediate_size + cfg.intermediate_size * h) * 2
+    attn = (h * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim * 2) * 2
+    touched = min(e, batch * k)
+    per_layer = attn + touched * expert + h * e * 2
+    return cfg.num_hidden_layers * per_layer + cfg.vocab_size * h * 2
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="20b", choices=sorted(PRESETS))
+    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--prompts", default="512,4096", help="prompt lengths")
+    ap.add_argument("--new", type=int, default=128, help="new tokens per sequence (ours)")
+    ap.add_argument("--stock-new", type=int, default=5, help="new tokens per sequence (transformers; slow)")
+    ap.add_argument("--no-stock", action="store_true")
+    ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--out", default="bench-generate")
+    args = ap.parse_args()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    batches = [int(b) for b in args.batches.split(",")]
+    lengths = [int(p) for p in args.prompts.split(",")]
+
+    import transformers
+
+    env = dict(
+        torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
+        device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        grouped_mm=hasattr(torch.nn.functional, "grouped_mm") or hasattr(torch, "_grouped_mm"),
+        command=" ".join(sys.argv),
+    )
+    print(json.dumps(env))
+    t0 = time.perf_counter()
+    model = build_random_model(args.preset, device, dtype)
+    print(f"model built in {time.perf_counter() - t0:.1f}s; {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params")
+    rows = []
+
+    max_len = max(lengths) + args.new + 8
+    gen = FastGenerator(model, max_batch=max(batches), max_seq_len=max_len)
+    print(f"grouped GEMM experts: {gen.use_grouped}; CUDA graphs: {gen.use_cuda_graphs}")
+    gen.generate(random_prompts(2, 16, 0), max_new_tokens=4, temperature=0, stop_ids=())  # warm-up
+    for prompt_len in lengths:
+        for batch in batches:
+            row = bench_ours(gen, batch, prompt_len, args.new)
+            row["floor_ms"] = weight_bytes_per_step(model, batch) / 3.0e12 * 1000  # ~3 TB/s read
+            rows.append(row)
+            print(json.dumps(row))
+    extra = {}
+    for batch in batches:
+        ms = graph_step_ms(gen, batch, 1024 if max_len >= 1024 else gen._length_buckets[0])
+        extra[f"graph_step_ms_b{batch}_kv1024"] = ms
+        print(f"graph replay only, batch {batch}, kv 1024: {ms} ms")
+    if not args.no_profile:
+        for batch in (min(batches), max(batches)):
+            extra[f"profile_b{batch}"] = profile_step(gen, batch, 1024 if max_len >= 1024 else gen._length_buckets[0], out_dir)
+    del gen
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+    if not args.no_stock:
+        use_stock_experts(model, "eager")
+        for prompt_len in lengths:
+            for batch in batches:
+                row = bench_stock(model, batch, prompt_len, args.stock_new)
+                rows.append(row)
+                print(json.dumps(row))
+
+    (out_dir / "results.json").write_text(json.dumps(dict(env=env, rows=rows, extra=extra), indent=1))
+    lines = [
+        "| impl | batch | prompt | decode tok/s | step ms | floor ms | TTFT s | batch prefill s | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['impl']} | {r['batch']} | {r['prompt']} | {r['error']} | | | | | |")
+            continue
+        lines.append(
+            f"| {r['impl']} | {r['batch']} | {r['prompt']} | {fmt(r['decode_tok_s'], ',.1f')} | {fmt(r['step_ms'], '.2f')} "
+            f"| {fmt(r.get('floor_ms'), '.2f')} | {fmt(r['ttft_s'], '.3f')} | {fmt(r['prefill_batch_s'], '.2f')} "
+            f"| {fmt(r['peak_gib'], '.1f')} |"
+        )
+    table = "\n".join(lines)
+    (out_dir / "table.md").write_text(table + "\n")
+    print(json.dumps(extra))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
