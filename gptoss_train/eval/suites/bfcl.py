@@ -114,6 +114,7 @@ class BfclSuite(Suite):
 
     def samples(self, *, categories="all", per_category: int | None = None, limit: int | None = None,
                 **_: Any) -> list[Sample]:
+        per_category = None if per_category is None else int(per_category)  # --option per_category=N is a string
         samples = []
         for category in resolve_categories(categories):
             entries = load_category(category)

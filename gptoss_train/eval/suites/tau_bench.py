@@ -5,8 +5,8 @@ Options (all keyword, all optional):
   user="model"        "model": a backend plays the customer (``user_model``, default the agent's backend);
                       "scripted": deterministic customer for CI (opening line, then the task's instructions, then stop).
                       Defaults to "scripted" when the agent is a self-test backend (oracle) that cannot play a user.
-  user_model=None     Backend for the simulated customer
-  judge=None          Backend that grades NL assertions; tasks that need one and have none are "needs judge"
+  user_model=None     Backend (or --model spec) for the simulated customer; "scripted" = user="scripted"
+  judge=None          Backend (or spec) that grades NL assertions; tasks needing one without it: "needs judge"
   reward_basis=None   override the tasks' reward basis, e.g. "DB,COMMUNICATE,NL_ASSERTION"
   split="all"         "train" | "test" | "all" (tau2's split_tasks.json); task_ids=[...] picks tasks; limit=N
   max_steps=60, max_turns=30, max_errors=10
@@ -83,14 +83,36 @@ class TauBenchSuite(Suite):
     def oracle(self, sample: Sample) -> Backend:
         return GoldActionsBackend(self._task(sample))
 
+    def _backend_from(self, spec, what: str) -> Backend | None:
+        """``user_model`` / ``judge`` come as Backends (library) or ``--model``-style specs (CLI); load each spec
+        once per suite object, not once per task."""
+        if spec is None or isinstance(spec, Backend):
+            return spec
+        spec = str(spec)
+        if spec == "oracle":
+            raise ValueError(f"{what}: 'oracle' cannot play this role (it only replays the agent's gold actions)")
+        cache = self.__dict__.setdefault("_loaded_backends", {})
+        if spec not in cache:
+            from gptoss_train.eval.backends import load_backend
+
+            cache[spec] = load_backend(spec)
+        return cache[spec]
+
     def run_sample(self, sample: Sample, backend: Backend, *, trials: int = 1, user: str | None = None,
                    user_model: Backend | None = None, judge: Backend | None = None, reward_basis=None,
                    max_steps: int = 60, max_turns: int = 30, max_errors: int = 10,
                    reasoning_effort: str | None = "medium", temperature: float = 1.0, top_p: float = 1.0,
                    max_tokens: int = 4096, seed: int | None = 0, **_: Any) -> SampleResult:
         task = self._task(sample)
+        if isinstance(user_model, str) and user_model == "scripted":
+            user, user_model = "scripted", None
+        user_model = self._backend_from(user_model, "user_model")
+        judge = self._backend_from(judge, "judge")
+        trials, max_steps, max_turns, max_errors = (int(v) for v in (trials, max_steps, max_turns, max_errors))
         if user is None:
-            user = "scripted" if getattr(backend, "prefers_scripted_user", False) and user_model is None else "model"
+            # A self-test agent (the oracle, also when the runner wraps it) cannot play the customer.
+            self_test = getattr(backend, "prefers_scripted_user", False) or getattr(backend, "name", "") == "oracle"
+            user = "scripted" if self_test and user_model is None else "model"
         if user not in ("model", "scripted"):
             raise ValueError(f"user must be 'model' or 'scripted', got {user!r}")
         if trials < 1:
