@@ -49,6 +49,12 @@ class LlamaCppBackend(Backend):
                  "seconds": time.perf_counter() - started}
         return result_from_tokens(completion, usage=usage)
 
+    def close(self) -> None:
+        """Free the llama.cpp model now (left to interpreter shutdown, llama-cpp-python 0.3 prints a TypeError)."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.close()
+
     def describe(self) -> dict:
         from gptoss_train.eval.results import fingerprint_path
 
