@@ -1,0 +1,313 @@
+"""Typed SFT configuration: dataclasses loaded from YAML, with command-line overrides.
+
+    cfg = load_config("configs/sft/tiny-cpu-lora.yaml", ["train.lr=1e-3", "--train.steps", "20", "--seed=3"])
+
+Overrides are ``section.key=value``, ``--section.key value`` / ``--section.key=value``, or a bare key when exactly one
+section has it (``lr=1e-3``). Values are parsed as YAML scalars/lists, then checked against the field's type. An
+unknown key is an error naming the key, the file (or "command line") and the closest known key. Why our own and not
+``HfArgumentParser``/``TrlParser``: those silently accept nested YAML keys they do not know and have no sections.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names where and how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # hub id or local folder of a gpt-oss checkpoint
+    experts: Literal["bf16", "mxfp4"] = "bf16"  # mxfp4: frozen experts stay MXFP4-resident (LoRA only)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    # Build a random tiny checkpoint at `path` when it does not exist (CPU configs and tests; never for real runs).
+    build_tiny: Literal["tiny", "20b", "120b"] | None = None
+    tiny_overrides: dict = field(default_factory=dict)  # GptOssConfig fields passed to model.tiny.build_checkpoint
+
+
+@dataclass
+class DataConfig:
+    # JSONL files in OpenAI chat form (or Harmony message form); "demo:train" / "demo:test" name the bundled demo.
+    train_files: list[str] = field(default_factory=list)
+    eval_files: list[str] = field(default_factory=list)
+    hf_dataset: str | None = None  # a Hugging Face dataset id in the same shape (needs the network)
+    hf_split: str = "train"
+    policy: Literal["final", "reasoning_final", "all_assistant"] = "all_assistant"
+    max_length: int = 2048
+    truncation: Literal["drop", "truncate"] = "drop"  # what to do with examples longer than max_length
+    packing: bool = False  # several examples per row, position ids restart per example
+    limit: int | None = None  # use only the first N examples (smoke tests)
+
+
+@dataclass
+class LoraSection:
+    enabled: bool = True  # false in full-parameter configs
+    r: int = 8
+    alpha: int = 16
+    attention: bool = True  # q/k/v/o of every selected layer
+    experts: bool = True  # gate_up and down of every expert (PEFT target_parameters)
+    router: bool = False
+    layers: list[int] | None = None  # None: every layer
+    # Per-group rank / alpha; None falls back to r / alpha.
+    attention_r: int | None = None
+    attention_alpha: int | None = None
+    experts_r: int | None = None
+    experts_alpha: int | None = None
+    # Extra nn.Linear module names to adapt (e.g. lm_head). A random tiny base has no useful vocabulary geometry,
+    # so the CPU quickstart adapts lm_head too; on a real gpt-oss leave this empty.
+    extra_targets: list[str] = field(default_factory=list)
+    # A config that adapts nothing inside the MoE is refused unless this is set (DESIGN.md §2: silently untrained
+    # experts are the most common LoRA mistake on gpt-oss).
+    allow_no_moe: bool = False
+
+
+@dataclass
+class TrainSection:
+    output_dir: str = "runs/sft"
+    lr: float = 2e-4
+    steps: int = 0  # > 0 wins over epochs
+    epochs: float = 1.0
+    batch_size: int = 1  # per device
+    grad_accum: int = 1
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    save_every: int = 0  # steps between checkpoints; 0 = only at the end
+    save_total_limit: int | None = 2
+    resume: str | None = None  # "latest" or a checkpoint folder
+    logging: Literal["tensorboard", "trackio", "wandb", "none"] = "tensorboard"
+    log_every: int = 1
+    merge: bool = False  # also write a merged dense model (LoRA)
+    progress: bool = True  # rich progress bar with tokens/s and ETA
+
+
+@dataclass
+class SFTConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    qat: bool = False  # fake-quantize expert weights to MXFP4 in the forward (gptoss_train.quant.qat)
+    qat_options: dict = field(default_factory=dict)  # keyword arguments for quant.qat.enable_qat
+    fast_path: Literal["auto", "off"] = "auto"  # auto: gptoss_train.kernels on CUDA when available
+
+
+SECTIONS = ("model", "data", "lora", "train")
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with type checks
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; allow the lossless int -> float widening."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(f"{where}: {value!r} is not a valid {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{where}: {value!r} is not one of {choices}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(item, args[0] if args else Any, f"{where}[{i}]") for i, item in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
+
+
+# Names users bring from transformers / TRL / PEFT, mapped to ours for the did-you-mean.
+_FAMILIAR_NAMES = {
+    "learning_rate": "lr", "max_steps": "steps", "num_train_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+    "save_steps": "save_every", "logging_steps": "log_every", "report_to": "logging",
+    "resume_from_checkpoint": "resume", "lora_alpha": "alpha", "rank": "r", "lr_scheduler_type": "lr_scheduler",
+    "model_name_or_path": "path", "dataset_name": "hf_dataset", "max_seq_length": "max_length",
+}
+
+
+def _unknown_key_error(key: str, known: list[str], where: str, source: str) -> ConfigError:
+    last = key.rsplit(".", 1)[-1]
+    familiar = _FAMILIAR_NAMES.get(last)
+    candidates = [k for k in known if familiar and k.rsplit(".", 1)[-1] == familiar]
+    guess = candidates or difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {where + guess[0]!r}?" if guess else f"; known keys: {', '.join(known)}"
+    return ConfigError(f"{source}: unknown key {where + key!r}{hint}")
+
+
+def _build(cls: type, data: dict, source: str, prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'the file'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key_error(str(key), names, prefix, source)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, source, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, f"{source}: {prefix}{key}")
+    return cls(**kwargs)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Overrides
+
+
+def _section_of_bare_key(key: str) -> str | None:
+    hits = [s for s in SECTIONS if key in {f.name for f in dataclasses.fields(getattr(SFTConfig(), s))}]
+    return hits[0] if len(hits) == 1 else None
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``a.b=v``, ``--a.b v``, ``--a.b=v`` -> [("a.b", parsed v)]; values parsed as YAML."""
+    pairs: list[tuple[str, Any]] = []
+    i = 0
+    while i < len(overrides):
+        item = overrides[i]
+        if item.startswith("--"):
+            item = item[2:]
+            if "=" not in item:
+                if i + 1 >= len(overrides):
+                    raise ConfigError(f"command line: --{item} needs a value")
+                item = f"{item}={overrides[i + 1]}"
+                i += 1
+        if "=" not in item:
+            raise ConfigError(f"command line: {overrides[i]!r} is not key=value")
+        key, raw = item.split("=", 1)
+        key = key.replace("-", "_")
+        pairs.append((key, yaml.safe_load(raw) if raw != "" else ""))
+        i += 1
+    return pairs
+
+
+def _apply_override(data: dict, key: str, value: Any) -> None:
+    top = {f.name for f in dataclasses.fields(SFTConfig)}
+    parts = key.split(".")
+    if parts[0] not in top:
+        section = _section_of_bare_key(parts[0]) if len(parts) == 1 else None
+        if section is None:
+            known = sorted(top | {f"{s}.{f.name}" for s in SECTIONS
+                                  for f in dataclasses.fields(getattr(SFTConfig(), s))})
+            raise _unknown_key_error(key, known, "", "command line")
+        parts = [section, parts[0]]
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"command line: {key} goes through a non-mapping value")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> SFTConfig:
+    """Read a YAML config (or start from defaults when ``path`` is None), apply overrides, check every key and type."""
+    data: dict = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    # The file's own keys are checked before overrides, so a typo is reported against the file that has it.
+    _build(SFTConfig, data, source)
+    for key, value in parse_overrides(list(overrides or [])):
+        _apply_override(data, key, value)
+    return _build(SFTConfig, data, f"{source} + command line" if overrides else source)
+
+
+def save_config(cfg: SFTConfig, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML, atomically; loading it back gives an equal config."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".config.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(config_to_dict(cfg), handle, sort_keys=False)
+    os.replace(tmp, path)
+    return path
+
+
+def split_cli(argv: list[str]) -> tuple[str | None, list[str]]:
+    """Pull ``--config PATH`` out of argv; the rest are overrides (``--resume X`` is short for ``train.resume=X``)."""
+    rest, config = [], None
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--resume" and i + 1 < len(argv):
+            rest.append(f"train.resume={argv[i + 1]}")
+            i += 2
+            continue
+        if argv[i].startswith("--resume="):
+            rest.append("train.resume=" + argv[i].split("=", 1)[1])
+            i += 1
+            continue
+        if argv[i] == "--config":
+            if i + 1 >= len(argv):
+                raise ConfigError("command line: --config needs a path")
+            config = argv[i + 1]
+            i += 2
+            continue
+        if argv[i].startswith("--config="):
+            config = argv[i].split("=", 1)[1]
+        else:
+            rest.append(argv[i])
+        i += 1
+    return config, rest

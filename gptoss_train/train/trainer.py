@@ -1,0 +1,266 @@
+"""SFTTrainer assembly: TRL's SFTTrainer with our loss, atomic checkpoints, resume, logging and callbacks.
+
+What we change in TRL's trainer, and why:
+
+* ``compute_loss``: the logits are computed only at positions whose next token is trained (``logits_to_keep`` with
+  the positions), or by the fast path's chunked loss when it is installed. The 201k-entry vocabulary makes full
+  logits the largest tensor of a step; TRL's own fused head ignores a LoRA on ``lm_head`` and also computes entropy
+  and token accuracy over the whole vocabulary (3.5x slower per step on CPU, cpu-gotchas #15).
+* ``_save_checkpoint``: the checkpoint is written into ``OUTPUT/.staging`` and renamed into place, so a crash never
+  leaves a half-written ``checkpoint-N`` that ``--resume latest`` would pick. The resolved config is saved with it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from gptoss_train.train.callbacks import LossCurveCallback, RichProgressCallback
+from gptoss_train.train.config import ConfigError, SFTConfig, save_config
+
+log = logging.getLogger("gptoss_train.train")
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+STAGING = ".staging"
+IGNORE_INDEX = -100
+
+
+def trained_token_loss(model, inputs: dict, num_items_in_batch=None, *, use_model_loss: bool = False):
+    """Sum of next-token cross-entropy over trained positions / number of trained tokens (or num_items_in_batch).
+
+    ``use_model_loss``: let the model compute it from ``labels`` (the fast path's chunked loss); otherwise only the
+    positions whose next token is trained in some row go through ``lm_head``.
+    """
+    labels = inputs["labels"]
+    model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    shifted = labels[:, 1:]
+    count = (shifted != IGNORE_INDEX).sum()
+    denominator = num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1)
+    if use_model_loss:
+        out = model(**model_inputs, labels=labels, use_cache=False, num_items_in_batch=denominator)
+        return out.loss, count
+    keep = (shifted != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
+    if keep.numel() == 0:  # nothing trained in this batch: a zero that still touches the graph
+        out = model(**model_inputs, use_cache=False, logits_to_keep=1)
+        return out.logits.sum() * 0.0, count
+    out = model(**model_inputs, use_cache=False, logits_to_keep=keep)
+    logits = out.logits.float()
+    targets = shifted[:, keep]
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                             ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss / torch.as_tensor(denominator, device=loss.device, dtype=loss.dtype), count
+
+
+def _sft_trainer_class():
+    from trl import SFTTrainer
+
+    class GptOssSFTTrainer(SFTTrainer):
+        """TRL SFTTrainer with trained-token logits and atomic checkpoints (see the module docstring)."""
+
+        def __init__(self, *args, resolved_config: SFTConfig | None = None, use_model_loss: bool = False, **kwargs):
+            self.resolved_config = resolved_config
+            self.use_model_loss = use_model_loss
+            self._staging_root = None
+            self.tokens_seen = 0
+            super().__init__(*args, **kwargs)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, _ = trained_token_loss(model, inputs, num_items_in_batch, use_model_loss=self.use_model_loss)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes
+            if model.training:
+                if "attention_mask" in inputs:
+                    self.tokens_seen += int(inputs["attention_mask"].sum())
+                else:
+                    self.tokens_seen += int(inputs["input_ids"].numel())
+            if return_outputs:
+                return loss, {}
+            return loss
+
+        def _get_output_dir(self, trial):
+            if self._staging_root is not None:
+                return self._staging_root
+            return super()._get_output_dir(trial)
+
+        def _save_checkpoint(self, model, trial):
+            final_root = Path(super()._get_output_dir(trial))
+            staging_root = final_root / STAGING
+            name = f"checkpoint-{self.state.global_step}"
+            if self.args.should_save:
+                shutil.rmtree(staging_root / name, ignore_errors=True)
+            self._staging_root = str(staging_root)
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._staging_root = None
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                if self.resolved_config is not None:
+                    save_config(self.resolved_config, staging_root / name / "config.yaml")
+                target = final_root / name
+                if target.exists():
+                    shutil.rmtree(target)
+                os.replace(staging_root / name, target)  # the atomic step: the folder appears complete or not at all
+                self._rotate_checkpoints(use_mtime=False, output_dir=str(final_root))
+            self.accelerator.wait_for_everyone()
+
+    return GptOssSFTTrainer
+
+
+def find_latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))]
+    found = [(step, p) for step, p in found if (p / "trainer_state.json").exists()]
+    return str(max(found)[1]) if found else None
+
+
+def resolve_resume(cfg: SFTConfig) -> str | None:
+    """``train.resume``: None, ``latest`` (None when the run has no checkpoint yet: start fresh) or a folder."""
+    resume = cfg.train.resume
+    if not resume:
+        return None
+    if resume == "latest":
+        latest = find_latest_checkpoint(cfg.train.output_dir)
+        if latest is None:
+            log.info("resume latest: no checkpoint in %s yet, starting fresh", cfg.train.output_dir)
+        else:
+            print(f"resuming from {latest}", flush=True)
+        return latest
+    if not (Path(resume) / "trainer_state.json").exists():
+        raise ConfigError(f"train.resume: {resume} is not a checkpoint folder (no trainer_state.json)")
+    return resume
+
+
+def report_to(cfg: SFTConfig) -> list[str]:
+    backend = cfg.train.logging
+    if backend == "none":
+        return []
+    module = {"tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb"}[backend]
+    if importlib.util.find_spec(module) is None and not (backend == "tensorboard"
+                                                         and importlib.util.find_spec("tensorboardX")):
+        raise ConfigError(f"train.logging: {backend} is not installed; pip install {module}, "
+                          "or set train.logging to tensorboard or none")
+    return [backend]
+
+
+def make_training_args(cfg: SFTConfig, *, full: bool, use_fast_recompute: bool = False):
+    """TRL SFTConfig from our config (the trainer-facing settings in one place)."""
+    from trl import SFTConfig as TrlSFTConfig
+
+    t = cfg.train
+    on_cuda = torch.cuda.is_available()
+    return TrlSFTConfig(
+        output_dir=t.output_dir,
+        learning_rate=t.lr,
+        max_steps=t.steps if t.steps > 0 else -1,
+        num_train_epochs=t.epochs,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        # The fast path recomputes inside its own kernels when asked; don't stack transformers' on top.
+        gradient_checkpointing=t.gradient_checkpointing and not use_fast_recompute,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        seed=t.seed,
+        data_seed=t.seed,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        save_strategy="steps" if t.save_every > 0 else "no",
+        save_steps=t.save_every if t.save_every > 0 else 500,
+        save_total_limit=t.save_total_limit,
+        logging_steps=t.log_every,
+        logging_first_step=True,
+        report_to=report_to(cfg),
+        disable_tqdm=True,  # our rich bar shows tokens/s and ETA
+        # The model is loaded in its training dtype (bf16 on CUDA, float32 on CPU); no autocast on top.
+        bf16=False,
+        fp16=False,
+        optim="adamw_torch_fused" if on_cuda else "adamw_torch",
+        max_length=cfg.data.max_length,
+        packing=False,  # rows arrive packed (or not) from our builder
+        dataset_kwargs={"skip_prepare_dataset": True},
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        save_only_model=False,
+        use_cpu=not on_cuda,
+    )
+
+
+def build_trainer(cfg: SFTConfig, model, train_dataset, *, full: bool, eval_dataset=None, tokenizer=None,
+                  use_fast_path: bool = False, callbacks=()):
+    """The SFTTrainer, ready for ``trainer.train(resume_from_checkpoint=resolve_resume(cfg))``."""
+    from gptoss_train.data.collator import HarmonyDataCollator
+    from gptoss_train.harmony.tokenizer import load_hf_tokenizer
+
+    if cfg.data.packing:
+        from gptoss_train.data import enable_packed_attention
+
+        enable_packed_attention(model)
+    args = make_training_args(cfg, full=full, use_fast_recompute=use_fast_path and cfg.train.gradient_checkpointing)
+    trainer_cls = _sft_trainer_class()
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer or load_hf_tokenizer(),
+        data_collator=HarmonyDataCollator(),
+        resolved_config=cfg,
+        use_model_loss=use_fast_path,
+        callbacks=[LossCurveCallback(cfg.train.output_dir), *callbacks],
+    )
+    if cfg.train.progress:
+        trainer.add_callback(RichProgressCallback(trainer))
+    return trainer
+
+
+def save_final(trainer, cfg: SFTConfig, *, full: bool) -> Path:
+    """Final adapter (PEFT format) or full model, plus the resolved config, written atomically into OUTPUT/final."""
+    out = Path(cfg.train.output_dir)
+    final, staging = out / "final", out / STAGING / "final"
+    if trainer.args.should_save:
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))  # PEFT adapter (adapter_config.json + adapter_model.safetensors) or full model
+    trainer.accelerator.wait_for_everyone()
+    if trainer.args.should_save:
+        save_config(cfg, staging / "config.yaml")
+        if full:
+            from gptoss_train.harmony.tokenizer import copy_tokenizer_files
+
+            copy_tokenizer_files(staging)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    trainer.accelerator.wait_for_everyone()
+    return final
+
+
+def save_merged(cfg: SFTConfig, adapter_dir: Path) -> Path:
+    """Dense merged model next to the adapter (model.merge), for tools that do not read PEFT adapters."""
+    from gptoss_train.model.merge import merge_adapter
+
+
+    base = cfg.model.path
+    merged = merge_adapter(base, adapter_dir)
+    out = Path(cfg.train.output_dir) / "merged"
+    staging = Path(cfg.train.output_dir) / STAGING / "merged"
+    shutil.rmtree(staging, ignore_errors=True)
+    # cpu-gotchas #13: a model loaded from MXFP4 keeps weight conversions that re-save experts under wrong names.
+    merged._weight_conversions = None
+    merged.save_pretrained(str(staging))
+    from gptoss_train.harmony.tokenizer import copy_tokenizer_files
+
+    copy_tokenizer_files(staging)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(staging, out)
+    return out
