@@ -105,3 +105,23 @@ def test_packed_masks_are_block_diagonal(tiny_model):
     sliding = masks["sliding_attention"][0, 0] == 0
     assert sliding[11].tolist() == [False] * 4 + [True] * 8  # window 8 inside the second example
     assert packed_attention_masks(tiny_model.config, torch.arange(6)[None]) is None
+
+
+def test_packed_loss_equals_separate_losses(tiny_model):
+    """A plain-loop forward on a collated packed batch gives the token-mean loss of the examples run alone."""
+    examples = [_example(n, 10 + seed) for seed, n in enumerate([18, 25, 9])]
+    batch = HarmonyDataCollator()([row.to_dict() for row in pack_examples(examples, 64)])
+    handle = enable_packed_attention(tiny_model)
+    try:
+        with torch.no_grad():
+            packed_loss = tiny_model(**batch).loss
+    finally:
+        handle.remove()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for example in examples:
+            alone = HarmonyDataCollator()([example])
+            n = int((alone["labels"][0, 1:] != IGNORE_INDEX).sum())
+            total += tiny_model(**alone).loss.item() * n
+            count += n
+    assert packed_loss.item() == pytest.approx(total / count, rel=1e-5)
