@@ -233,3 +233,14 @@ def test_pass_hat_k():
                SampleResult("b", 0.5, False, "wrong_answer", {"successes": 1, "n_trials": 2, "trials": []})]
     metrics = suite.aggregate(results)
     assert metrics["pass^1"] == pytest.approx(0.75) and metrics["pass^2"] == pytest.approx(0.5)
+
+
+def test_runs_through_the_eval_runner_with_model_oracle(tmp_path):
+    """``gptoss-eval --suite tau-bench --model oracle``: the runner's oracle wrapper gets the scripted customer."""
+    from gptoss_train.eval import run_suite
+
+    results = run_suite("tau-bench", model="oracle", limit=3, out_dir=tmp_path, progress=False, report=False)
+    metrics = results["metrics"]["medium"]
+    assert metrics["n"] == 3 and metrics["score"] == 1.0 and metrics["pass^1"] == 1.0
+    again = run_suite("tau-bench", model="oracle", limit=3, out_dir=tmp_path, progress=False, report=False)
+    assert again["metrics"]["medium"]["score"] == 1.0

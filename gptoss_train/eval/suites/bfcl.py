@@ -22,6 +22,7 @@ from gptoss_train.eval.bfcl.gold import gold_calls
 from gptoss_train.eval.bfcl.schema import sanitize_name, to_openai_tools
 from gptoss_train.eval.core import (Backend, GenerationRequest, GenerationResult, Sample, SampleResult, Suite,
                                     register_suite)
+from gptoss_train.eval.definitions import DefinitionError, load_definition
 
 
 def _entry(sample: Sample) -> dict:
@@ -111,6 +112,19 @@ class BfclOracle(Backend):
 
 class BfclSuite(Suite):
     name = "bfcl"
+
+    @property
+    def definition(self) -> dict:
+        """evals/<name>/suite.yaml (description, source, token budgets); empty when not in a checkout."""
+        if "_definition" not in self.__dict__:
+            try:
+                self.__dict__["_definition"] = load_definition(self.name)
+            except DefinitionError:
+                self.__dict__["_definition"] = {}
+        return self.__dict__["_definition"]
+
+    def recommended_max_tokens(self, effort: str) -> int | None:
+        return (self.definition.get("max_tokens") or {}).get(effort)
 
     def samples(self, *, categories="all", per_category: int | None = None, limit: int | None = None,
                 **_: Any) -> list[Sample]:
