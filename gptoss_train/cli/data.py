@@ -30,11 +30,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from gptoss_train.data.build import OnError, Truncation, build_examples, render_record
+from gptoss_train.data.build import OnError, Truncation, build_examples, record_to_conversation
 from gptoss_train.data.readers import open_source
 from gptoss_train.data.stats import compute_stats
 from gptoss_train.data.validation import BuildReport, DataError, DataSourceError
-from gptoss_train.harmony.render import MaskPolicy
+from gptoss_train.harmony.render import MaskPolicy, render_for_training
 
 app = typer.Typer(
     help=(
@@ -112,15 +112,8 @@ def validate(
 ):
     """Check every example and list the problems (file:line, reason). Exit code 1 if any example is invalid."""
     report = BuildReport(max_samples_per_reason=max_samples)
-    try:
-        records = list(open_source(source, split=split))
-    except DataSourceError as exc:
-        _fail(str(exc), 2)
-    from gptoss_train.data.build import iter_examples
-
-    for _ in iter_examples(records, policy=policy, max_length=max_length, truncation=Truncation.DROP,
-                           on_error=OnError.SKIP, reasoning_effort=reasoning_effort.value, report=report):
-        pass
+    _build(source, split=split, policy=policy, max_length=max_length, truncation=Truncation.DROP,
+           on_error=OnError.SKIP, reasoning_effort=reasoning_effort.value, report=report)
     _print_report(report)
     notes = {"no trained tokens", "too long"}  # valid data that a training run would skip
     invalid = sum(count for reason, count in report.skipped.items() if reason not in notes)
@@ -231,9 +224,11 @@ def inspect(
     if record is None:
         _fail(f"{source} has fewer than {index + 1} examples")
     try:
-        example = render_record(record, policy=policy, reasoning_effort=reasoning_effort.value)
+        # Rendered even when nothing is trained under the policy: seeing why is the point of inspect.
+        conv = record_to_conversation(record, reasoning_effort=reasoning_effort.value)
     except DataError as exc:
         _fail(str(exc))
+    example = render_for_training(conv, policy)
     encoding = load_harmony_encoding()
     if plain is None:
         plain = not out_console.is_terminal
@@ -248,6 +243,8 @@ def inspect(
         for ids, trained in _runs(example.input_ids, example.loss_mask):
             text.append(encoding.decode(ids), style="bold black on green" if trained else "dim")
         out_console.print(text)
+    if not example.num_trained:
+        console.print(f"note: nothing is trained in this example under policy {policy.value}", highlight=False)
     console.print(f"{record.source}:{record.location}: {len(example)} tokens, {example.num_trained} trained "
                   f"({example.num_trained / len(example):.1%}) under policy {policy.value}"
                   + (" — trained tokens are [[marked]]" if plain else " — trained tokens highlighted"),

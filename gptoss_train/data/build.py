@@ -186,17 +186,19 @@ def iter_examples(
 
 
 def build_examples(records: Iterable[SourceRecord], *, progress: bool = False, total: int | None = None,
-                   **options: Any) -> tuple[list[TrainingExample], BuildReport]:
+                   report: BuildReport | None = None, **options: Any) -> tuple[list[TrainingExample], BuildReport]:
     """All examples of ``records`` and the report (options as :func:`iter_examples`); optional rich progress bar."""
-    report = BuildReport()
+    report = report if report is not None else BuildReport()
     iterator = iter_examples(records, report=report, **options)
     if not progress:
         return list(iterator), report
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     examples: list[TrainingExample] = []
     columns = [TextColumn("rendering"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-    with Progress(*columns, transient=True) as bar:
+    # On stderr, so stdout stays clean for data (e.g. `gptoss-data stats --json`).
+    with Progress(*columns, transient=True, console=Console(stderr=True)) as bar:
         task = bar.add_task("render", total=total)
         for example in iterator:
             examples.append(example)

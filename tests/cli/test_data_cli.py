@@ -112,3 +112,11 @@ def test_stats(runner):
     assert result.exit_code == 0 and "examples" in result.output and "skipped" in result.output
     result = runner.invoke(app, ["stats", CHAT, "--max-length", "80"])
     assert "too long" in result.output
+
+
+def test_inspect_example_with_nothing_trained(runner, tmp_path):
+    source = tmp_path / "prompt_only.jsonl"
+    source.write_text(json.dumps({"messages": [{"role": "user", "content": "unanswered"}]}) + "\n")
+    result = runner.invoke(app, ["inspect", str(source)])
+    assert result.exit_code == 0 and "[[" not in result.stdout and "unanswered" in result.stdout
+    assert "nothing is trained" in result.output
