@@ -216,7 +216,8 @@ def is_harmony_form(messages: Sequence[Any]) -> bool:
             return True
         if not isinstance(message, Mapping):
             continue
-        if any(key in message for key in ("channel", "recipient", "content_type")):
+        # Values, not keys: Arrow-backed datasets give every message every key, filled with None.
+        if any(message.get(key) is not None for key in ("channel", "recipient", "content_type")):
             return True
         content = message.get("content")
         if isinstance(content, list) and any(

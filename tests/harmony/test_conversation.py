@@ -105,3 +105,11 @@ def test_tool_result_by_name_and_reasoning_only_followed_by_assistant():
         {"role": "assistant", "content": "Noon."},
     ], tools=[TIME_TOOL])
     assert [m.channel for m in conv.messages[3:]] == ["analysis", "commentary", "commentary", "final"]
+
+
+def test_null_filled_harmony_keys_stay_chat_form():
+    """Arrow gives every message every key: channel=None must not switch to Harmony form."""
+    conv = conversation_from_chat([{"role": "user", "content": "q", "channel": None, "tool_calls": None},
+                                   {"role": "assistant", "content": "a", "channel": None, "recipient": None,
+                                    "thinking": None, "tool_calls": None}])
+    assert [m.channel for m in conv.messages] == [None, None, "final"]
