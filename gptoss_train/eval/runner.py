@@ -79,12 +79,14 @@ def _warn_small_budget(suite: Suite, effort: str, max_tokens: int | None, explic
 
 
 def _versions() -> dict:
+    """Installed versions from package metadata (importing torch/transformers/peft just to read them costs ~10 s)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     versions = {"python": platform.python_version()}
-    for package in ("gptoss_train", "torch", "transformers", "peft", "openai_harmony"):
+    for package in ("gptoss-train", "torch", "transformers", "peft", "openai-harmony", "llama-cpp-python"):
         try:
-            module = __import__(package)
-            versions[package] = getattr(module, "__version__", "unknown")
-        except ImportError:
+            versions[package] = version(package)
+        except PackageNotFoundError:
             pass
     return versions
 

@@ -57,3 +57,29 @@ def test_config_file_and_flag_override(tmp_path, capsys):
 def test_errors_are_clear(argv, message, capsys):
     code, output = _run(argv + ["--no-progress"], capsys)
     assert code == 2 and message in output
+
+
+def test_every_shipped_eval_config_uses_known_options():
+    import inspect
+    from pathlib import Path
+
+    import yaml
+
+    from gptoss_train.cli.eval import run_command
+
+    known = set(inspect.signature(run_command).parameters) | {"out"}
+    configs = sorted((Path(__file__).resolve().parents[2] / "configs" / "eval").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        keys = {key.replace("-", "_") for key in (yaml.safe_load(path.read_text()) or {})}
+        assert keys <= known, f"{path.name}: unknown option(s) {sorted(keys - known)}"
+
+
+def test_selfcheck_config_scores_one(tmp_path, capsys):
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "eval" / "selfcheck.yaml"
+    code, output = _run(["--config", str(config), "--out", str(tmp_path), "--no-progress"], capsys)
+    assert code == 0, output
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert all(m["score"] == 1.0 for m in results["metrics"].values()) and len(results["metrics"]) == 3
