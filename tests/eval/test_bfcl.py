@@ -101,3 +101,12 @@ def test_failure_kinds():
     assert wrong_value.failure == "wrong_arguments" and wrong_value.details["error_type"] == "value_error:others"
     right = suite.run_sample(simple, Calls([("calculate_triangle_area", json.dumps({"base": 10, "height": 5}))]))
     assert right.passed
+
+
+def test_requests_render_as_harmony(harmony_encoding):
+    from gptoss_train.eval.harmony_io import decode, prompt_tokens
+
+    for category in ("simple", "parallel_multiple", "live_multiple"):
+        entry = load_category(category)[3]
+        text = decode(prompt_tokens(build_request(entry)[0]))
+        assert f"type {to_openai_tools(entry['function'])[0][0]['function']['name']} = " in text

@@ -244,3 +244,26 @@ def test_runs_through_the_eval_runner_with_model_oracle(tmp_path):
     assert metrics["n"] == 3 and metrics["score"] == 1.0 and metrics["pass^1"] == 1.0
     again = run_suite("tau-bench", model="oracle", limit=3, out_dir=tmp_path, progress=False, report=False)
     assert again["metrics"]["medium"]["score"] == 1.0
+
+
+def test_agent_turns_render_as_harmony(suite, samples, harmony_encoding):
+    """Every agent request of a real conversation goes through the project's Harmony renderer (as backends do)."""
+    from gptoss_train.eval.harmony_io import decode, prompt_tokens
+
+    sample = next(s for s in samples if suite._task(s).id == "7")
+    oracle = suite.oracle(sample)
+    requests = []
+
+    class Spy(Backend):
+        prefers_scripted_user = True
+
+        def generate(self, request):
+            requests.append(request)
+            return oracle.generate(request)
+
+    suite.run_sample(sample, Spy())
+    text = decode(prompt_tokens(requests[-1]))
+    assert "namespace functions" in text and "type book_reservation" in text
+    assert "Hi! How can I help you today?" in text and "<policy>" in text
+    assert "<|start|>assistant to=functions.update_reservation_flights" in text
+    assert text.endswith("<|start|>assistant")
