@@ -267,3 +267,11 @@ def test_agent_turns_render_as_harmony(suite, samples, harmony_encoding):
     assert "Hi! How can I help you today?" in text and "<policy>" in text
     assert "<|start|>assistant to=functions.update_reservation_flights" in text
     assert text.endswith("<|start|>assistant")
+
+
+def test_action_basis_matches_gold_calls(suite):
+    task = next(t for t in load_tasks() if any(a.name == "update_reservation_flights" for a in t.actions))
+    sample = next(s for s in suite.samples() if s.data["task_id"] == task.id)
+    assert suite.run_sample(sample, suite.oracle(sample), reward_basis="DB,ACTION").passed
+    wrong = suite.run_sample(sample, WrongActionsBackend(task), reward_basis="ACTION")
+    assert wrong.details["trials"][0]["reward_breakdown"] == {ACTION: 0.0}

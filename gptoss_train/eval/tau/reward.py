@@ -9,8 +9,9 @@ Follows tau2's evaluator (``src/tau2/evaluator/evaluator.py`` and friends, read 
   against an incomplete gold state certifies nothing), a mismatch still scores 0;
 * ``COMMUNICATE``: every ``communicate_info`` string must appear, lower-cased, in some agent text message with its
   commas removed (tau2's exact substring rule for English runs);
-* ``ACTION``: every gold action must appear among the agent's tool calls (name, and the ``compare_args`` or all
-  arguments equal);
+* ``ACTION`` (in no airline task's basis): every gold action must appear among the agent's tool calls (same name,
+  equal arguments on ``compare_args``, else on the arguments the call passed); all-or-nothing, where newer tau2
+  commits average per action;
 * ``NL_ASSERTION``: needs a judge model; without one the task is reported as "needs judge", never as a failure;
 * the reward is the product of the components in the task's reward basis.
 """
@@ -79,12 +80,16 @@ def action_checks(messages: list[dict], task: TauTask) -> list[dict]:
     calls = _agent_tool_calls(messages)
     checks = []
     for action in task.actions:
-        keys = action.compare_args if action.compare_args is not None else list(action.arguments)
-        met = any(
-            name == action.name and isinstance(arguments, dict)
-            and all(arguments.get(key) == action.arguments.get(key) for key in keys)
-            for name, arguments in calls
-        )
+        met = False
+        for name, arguments in calls:
+            if name != action.name or not isinstance(arguments, dict):
+                continue
+            # tau2's Action.compare_with_tool_call: the compare_args, else every argument the call passed
+            keys = set(action.compare_args) if action.compare_args is not None else set(arguments)
+            if {k: v for k, v in arguments.items() if k in keys} == {
+                    k: v for k, v in action.arguments.items() if k in keys}:
+                met = True
+                break
         checks.append({"action_id": action.action_id, "name": action.name, "met": met})
     return checks
 
