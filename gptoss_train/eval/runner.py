@@ -14,7 +14,7 @@ import json
 import logging
 import platform
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -55,17 +55,49 @@ def _data_fingerprint(samples: list[Sample]) -> str:
 
 
 def _chunk_size(backend: Backend) -> int:
+    """How many samples are in flight at once: a local model's batch, a server's concurrency, else one."""
     return max(1, int(getattr(backend, "batch_size", 0) or getattr(backend, "concurrency", 0) or 1))
 
 
-def _run_chunk(suite: Suite, samples: list[Sample], backend: Backend, options: dict) -> list[SampleResult]:
-    if hasattr(suite, "run_batch"):
-        return suite.run_batch(samples, backend, **options)
-    if len(samples) == 1:
-        return [suite.run_sample(samples[0], backend, **options)]
-    # Multi-turn suites without a batch path: samples run concurrently (servers), one thread each.
-    with ThreadPoolExecutor(max_workers=len(samples)) as pool:
-        return list(pool.map(lambda s: suite.run_sample(s, backend, **options), samples))
+def _run_batched(suite, samples: list[Sample], backend: Backend, options: dict, chunk: int, on_done) -> None:
+    """Suites with ``run_batch`` (single-turn or staged): one generate_batch per chunk of samples."""
+    for start in range(0, len(samples), chunk):
+        batch = samples[start : start + chunk]
+        for sample, result in zip(batch, suite.run_batch(batch, backend, **options)):
+            on_done(sample, result)
+
+
+def _run_threaded(suite: Suite, samples: list[Sample], backend: Backend, options: dict, workers: int,
+                  on_done) -> None:
+    """Multi-turn suites: each sample runs in its own thread (up to ``workers`` at once) and is cached as soon as it
+    finishes. On a local model the threads' turns are gathered into batches by MicroBatchingBackend."""
+    if workers == 1:
+        for sample in samples:
+            on_done(sample, suite.run_sample(sample, backend, **options))
+        return
+    from gptoss_train.eval.batching import MicroBatchingBackend
+
+    batcher = MicroBatchingBackend(backend, max_batch=workers) if hasattr(backend, "batch_size") else None
+    target = batcher or backend
+
+    def run_one(sample: Sample) -> SampleResult:
+        if batcher is not None:
+            batcher.sample_started()
+        try:
+            return suite.run_sample(sample, target, **options)
+        finally:
+            if batcher is not None:
+                batcher.sample_finished()
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {pool.submit(run_one, sample): sample for sample in samples}
+        try:
+            for future in as_completed(futures):
+                on_done(futures[future], future.result())
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
 
 
 def _warn_small_budget(suite: Suite, effort: str, max_tokens: int | None, explicit: bool) -> str | None:
@@ -174,17 +206,19 @@ def run_suite(suite: str | Suite, *, model: str | Backend, out_dir: str | Path |
                 counts["cached"] += len(done)
                 task = progress_bar.add_task(f"{suite_obj.name} [{effort_name}]", total=len(samples),
                                              completed=len(done))
-                chunk = _chunk_size(backend)
-                for start in range(0, len(pending), chunk):
-                    batch = pending[start : start + chunk]
-                    results = _run_chunk(suite_obj, batch, backend, run_options)
-                    for sample, result in zip(batch, results):
-                        record = _record(result, effort_name)
-                        done[sample.id] = record
-                        if cache is not None:
-                            cache.put(keys[sample.id], record)
-                    counts["generated"] += len(batch)
-                    progress_bar.update(task, advance=len(batch))
+                def on_done(sample: Sample, result: SampleResult, _keys=keys, _done=done, _effort=effort_name,
+                            _task=task) -> None:
+                    record = _record(result, _effort)
+                    _done[sample.id] = record
+                    if cache is not None:
+                        cache.put(_keys[sample.id], record)  # runs in the main thread only
+                    counts["generated"] += 1
+                    progress_bar.update(_task, advance=1)
+
+                if hasattr(suite_obj, "run_batch"):
+                    _run_batched(suite_obj, pending, backend, run_options, _chunk_size(backend), on_done)
+                else:
+                    _run_threaded(suite_obj, pending, backend, run_options, _chunk_size(backend), on_done)
                 effort_records = [done[s.id] for s in samples]
                 results_for_aggregate = [SampleResult(**{k: r[k] for k in ("id", "score", "passed", "failure",
                                                                          "details")}) for r in effort_records]
