@@ -110,3 +110,29 @@ def test_requests_render_as_harmony(harmony_encoding):
         entry = load_category(category)[3]
         text = decode(prompt_tokens(build_request(entry)[0]))
         assert f"type {to_openai_tools(entry['function'])[0][0]['function']['name']} = " in text
+
+
+def test_sequential_calls_collect_one_call_per_message():
+    suite = BfclSuite()
+    sample = next(s for s in suite.samples(categories="parallel") if len(
+        next(e for e in load_category("parallel") if e["id"] == s.id)["ground_truth"]) == 2)
+    gold = suite.oracle(sample).generate(build_request(next(e for e in load_category("parallel")
+                                                            if e["id"] == sample.id))[0]).tool_calls
+
+    class OneAtATime(Backend):
+        def __init__(self):
+            self.requests = []
+
+        def generate(self, request):
+            self.requests.append(request)
+            made = sum(len(m.get("tool_calls") or []) for m in request.messages)
+            if made < len(gold):
+                return GenerationResult(text="", final=None, analysis=None, finish_reason="call",
+                                        tool_calls=[gold[made]])
+            return _text("Done.")
+
+    assert not suite.run_sample(sample, OneAtATime()).passed  # BFCL's default: first response only
+    backend = OneAtATime()
+    result = suite.run_sample(sample, backend, sequential_calls=8)
+    assert result.passed and result.details["generations"] == 3
+    assert backend.requests[1].messages[-1]["role"] == "tool"

@@ -5,6 +5,8 @@ Options (keyword, optional):
                       parallel, parallel_multiple, irrelevance, live_simple, live_multiple, live_parallel,
                       live_parallel_multiple, live_irrelevance, live_relevance
   per_category=None   take the first N entries of each category; limit=N caps the total
+  sequential_calls=1  generations per entry: >1 lets a model that makes one call per message (gpt-oss) make
+                      parallel calls one after another, each answered with a placeholder result
   reasoning_effort="medium", temperature=1.0, top_p=1.0, max_tokens=4096, seed=0
 
 Multi-turn, Java, JavaScript and the agentic BFCL v4 categories are not graded here (see evals/bfcl/README.md).
@@ -12,6 +14,7 @@ Multi-turn, Java, JavaScript and the agentic BFCL v4 categories are not graded h
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import defaultdict
 from typing import Any
@@ -80,6 +83,24 @@ def _failure(verdict: Verdict, result: GenerationResult, decode_error: str | Non
     return "wrong_arguments"
 
 
+PLACEHOLDER_RESULT = '{"status": "recorded"}'
+
+
+def _continued(request: GenerationRequest, result: GenerationResult, step: int) -> GenerationRequest:
+    """The request after ``result``'s tool calls, each answered with a placeholder (for ``sequential_calls``)."""
+    messages = list(request.messages)
+    calls = [{"id": f"call_{step}_{i}", "type": "function",
+              "function": {"name": c.get("name", ""), "arguments": c.get("arguments") or "{}"}}
+             for i, c in enumerate(result.tool_calls)]
+    assistant = {"role": "assistant", "content": None, "tool_calls": calls}
+    if result.analysis:
+        assistant["thinking"] = result.analysis
+    messages.append(assistant)
+    messages += [{"role": "tool", "tool_call_id": c["id"], "name": c["function"]["name"],
+                  "content": PLACEHOLDER_RESULT} for c in calls]
+    return dataclasses.replace(request, messages=messages, extra={**request.extra, "step": step})
+
+
 class BfclOracle(Backend):
     """Answers one entry with its gold calls (first accepted values); (ir)relevance: no call / a call."""
 
@@ -142,12 +163,24 @@ class BfclSuite(Suite):
 
     def run_sample(self, sample: Sample, backend: Backend, *, reasoning_effort: str | None = "medium",
                    temperature: float = 1.0, top_p: float = 1.0, max_tokens: int = 4096, seed: int | None = 0,
-                   **_: Any) -> SampleResult:
+                   sequential_calls: int = 1, **_: Any) -> SampleResult:
         entry = _entry(sample)
         request, name_map = build_request(entry, reasoning_effort=reasoning_effort, temperature=temperature,
                                           top_p=top_p, max_tokens=max_tokens, seed=seed, sample_id=sample.id)
         result = backend.generate(request)
-        calls, decode_error = decode_calls(result, name_map)
+        responses = [result]
+        # gpt-oss ends its turn at each tool call (<|call|> is a stop token), so it can only make "parallel" calls
+        # one after another. sequential_calls > 1 lets it: each call gets a placeholder result and the model is
+        # asked again, until it stops calling. Off by default: BFCL grades the first response only.
+        while result.tool_calls and len(responses) < int(sequential_calls):
+            request = _continued(request, result, len(responses))
+            result = backend.generate(request)
+            responses.append(result)
+        merged = GenerationResult(
+            text="".join(r.text for r in responses), final=responses[-1].final, analysis=responses[-1].analysis,
+            tool_calls=[call for r in responses for call in r.tool_calls],
+            finish_reason=responses[-1].finish_reason, error=next((r.error for r in responses if r.error), None))
+        calls, decode_error = decode_calls(merged, name_map)
         verdict = check_entry(entry, calls)
         details = {
             "category": entry["category"],
@@ -155,13 +188,14 @@ class BfclSuite(Suite):
             "decode_error": decode_error,
             "error_type": verdict.error_type,
             "errors": verdict.errors,
-            "final": result.final,
-            "tool_calls": result.tool_calls,
-            "finish_reason": result.finish_reason,
-            "backend_error": result.error,
+            "final": merged.final,
+            "tool_calls": merged.tool_calls,
+            "finish_reason": merged.finish_reason,
+            "generations": len(responses),
+            "backend_error": merged.error,
         }
         return SampleResult(sample.id, 1.0 if verdict.valid else 0.0, verdict.valid,
-                            _failure(verdict, result, decode_error), details)
+                            _failure(verdict, merged, decode_error), details)
 
     def aggregate(self, results: list[SampleResult]) -> dict:
         metrics = super().aggregate(results)
