@@ -3,19 +3,20 @@
 Examples:
 
 \b
-    gptoss-eval list
-    gptoss-eval --suite gsm8k --model oracle --data bundled --out runs/check         # harness self-test
-    gptoss-eval --suite demo --model runs/tiny-base --out runs/demo-base              # local transformers
-    gptoss-eval --suite demo --model runs/tiny-base --adapter runs/lora/adapter --out runs/demo-tuned
-    gptoss-eval compare runs/demo-base runs/demo-tuned                                # paired significance
-    gptoss-eval --suite gpqa-diamond --model http://localhost:8000/v1 --effort low,medium,high --out runs/gpqa
-    gptoss-eval --suite aime25 --model exports/model.gguf --effort high --max-tokens 65536 --out runs/aime
-    gptoss-eval --config configs/eval/reasoning-20b.yaml --model openai/gpt-oss-20b
+  gptoss-eval list
+  gptoss-eval --suite gsm8k --model oracle --data bundled --out runs/check
+  gptoss-eval --suite demo --model runs/tiny-base --out runs/demo-base
+  gptoss-eval --suite demo --model runs/tiny-base --adapter runs/lora --out runs/demo-tuned
+  gptoss-eval compare runs/demo-base runs/demo-tuned
+  gptoss-eval --suite gpqa-diamond --model http://localhost:8000/v1 --effort low,medium,high
+  gptoss-eval --suite aime25 --model exports/model.gguf --effort high --max-tokens 65536
+  gptoss-eval --config configs/eval/reasoning-sweep.yaml --model openai/gpt-oss-20b
 
 \b
---model: ``oracle`` (gold answers: checks the harness), ``http(s)://...`` (any OpenAI-compatible server: vLLM,
-Ollama, llama.cpp server), ``*.gguf`` (llama.cpp in process), else a local folder or hub id (transformers).
-Interrupted runs resume from ``--out``: run the same command again.
+--model: oracle (gold answers: checks the harness itself),
+         http(s)://... (OpenAI-compatible server: vLLM, Ollama, llama.cpp server),
+         FILE.gguf (llama.cpp in process), else a local folder or hub id (transformers).
+Interrupted runs resume from --out: run the same command again. Docs: docs/eval.md.
 """
 
 from __future__ import annotations
