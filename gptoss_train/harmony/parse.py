@@ -84,14 +84,23 @@ def _partial_message(parser: StreamableParser) -> Message | None:
     return message
 
 
+def _assistant_header(encoding) -> tuple[int, ...]:
+    from openai_harmony import Conversation
+
+    return tuple(encoding.render_conversation_for_completion(Conversation.from_messages([]), Role.ASSISTANT))
+
+
 def parse_turn(completion_tokens: list[int], *, stopped_by: int | None = None) -> ParsedTurn:
     """Parse the tokens generated after ``<|start|>assistant``.
 
-    Tokens after the first ``<|return|>`` / ``<|call|>`` are ignored. Backends that strip the stop token can pass it
-    as ``stopped_by``. Never raises on bad model output: problems go to ``error`` (and ``ToolCall.error``).
+    Tokens after the first ``<|return|>`` / ``<|call|>`` are ignored, and a leading ``<|start|>assistant`` (echoed
+    prompt) is skipped. Backends that strip the stop token can pass it as ``stopped_by``. Never raises on bad model output: problems go to ``error`` (and ``ToolCall.error``).
     """
     encoding = load_harmony_encoding()
     tokens = [int(token) for token in completion_tokens]
+    prompt_suffix = list(_assistant_header(encoding))
+    if tokens[: len(prompt_suffix)] == prompt_suffix:
+        tokens = tokens[len(prompt_suffix):]  # a backend that echoes the prompt's <|start|>assistant
     stop_at = next((i for i, token in enumerate(tokens) if token in (RETURN, CALL)), None)
     if stop_at is not None:
         tokens = tokens[: stop_at + 1]
@@ -121,6 +130,8 @@ def parse_turn(completion_tokens: list[int], *, stopped_by: int | None = None) -
             errors.append("output ends inside a message header")
     if not tokens:
         errors.append("no tokens generated")
+    elif stop == "truncated" and not errors:
+        errors.append("output ended without <|return|> or <|call|>")
 
     analysis = [_text(m) for m in messages if m.channel == "analysis" and m.recipient in (None, "all")]
     finals = [_text(m) for m in messages if m.channel == "final" and m.recipient in (None, "all")]

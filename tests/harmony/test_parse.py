@@ -111,3 +111,10 @@ def test_stops_at_first_stop_token_and_stopped_by(harmony_encoding):
 
 def test_garbage_ids_never_raise():
     assert parse_turn([5, 200006, 200006, 200008, 12]).stop == "truncated"
+
+
+def test_echoed_prompt_header_and_missing_stop(harmony_encoding):
+    turn = parse_turn(_tokens(harmony_encoding, "<|start|>assistant<|channel|>final<|message|>hi<|return|>"))
+    assert turn.final == "hi" and turn.stop == "return" and turn.error is None
+    turn = parse_turn(_tokens(harmony_encoding, "<|channel|>final<|message|>hi<|end|>"))
+    assert turn.final == "hi" and turn.stop == "truncated" and "without <|return|>" in turn.error
