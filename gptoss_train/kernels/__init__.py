@@ -17,11 +17,13 @@ import torch
 from gptoss_train.kernels.attention import install_sink_attention, register_sink_attention, sink_attention_forward
 from gptoss_train.kernels.loss import causal_lm_chunked_loss, chunked_linear_cross_entropy, install_chunked_loss
 from gptoss_train.kernels.moe import attach_mxfp4_experts, install_fast_experts, moe_experts_forward
+from gptoss_train.kernels.norm import install_compiled_norms
 
 __all__ = [
     "enable_fast_training", "install_sink_attention", "register_sink_attention", "sink_attention_forward",
     "install_fast_experts", "moe_experts_forward", "attach_mxfp4_experts", "install_chunked_loss",
     "chunked_linear_cross_entropy", "causal_lm_chunked_loss", "install_recompute", "RECOMPUTE_CHOICES",
+    "install_compiled_norms",
 ]
 
 # "layer": transformers' gradient checkpointing (recompute whole decoder layers; least memory).
@@ -64,7 +66,7 @@ def install_recompute(model, recompute: str) -> None:
             module.forward = functools.partial(_checkpointed_forward, module.forward)
 
 
-def enable_fast_training(model, *, attention: bool = True, experts: bool = True, loss: bool = True,
+def enable_fast_training(model, *, attention: bool = True, experts: bool = True, loss: bool = True, norms: bool = True,
                          recompute: str | None = None, loss_chunk_size: int = 1024, force: bool = False) -> str | None:
     """Switch a loaded GptOssForCausalLM (possibly PEFT-wrapped) to the fast training path.
 
@@ -83,6 +85,8 @@ def enable_fast_training(model, *, attention: bool = True, experts: bool = True,
         parts.append(f"attention={install_sink_attention(model)}")
     if experts:
         parts.append(f"experts=grouped_mm+LoRA over {install_fast_experts(model)} layers")
+    if norms and device.type == "cuda":
+        parts.append(f"norms=compiled x{install_compiled_norms(model)}")
     if loss:
         install_chunked_loss(model, chunk_size=loss_chunk_size)
         parts.append(f"loss=chunked linear-CE (chunk {loss_chunk_size})")
