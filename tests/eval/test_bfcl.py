@@ -42,7 +42,8 @@ def test_tools_follow_the_official_openai_conversion():
     functions = [{"name": "geo.distance", "description": "Distance.", "parameters": {
         "type": "dict", "required": ["points"], "properties": {
             "points": {"type": "array", "items": {"type": "tuple", "items": {"type": "float"}}, "description": "p"},
-            "options": {"type": "dict", "description": "o", "properties": {"unit": {"type": "any", "description": "u"}}},
+            "options": {"type": "dict", "description": "o",
+                        "properties": {"unit": {"type": "any", "description": "u"}}},
             "scale": {"type": "float", "description": "s"},
             "untyped": {"description": "no type"}}}}]
     tools, name_map = to_openai_tools(functions)
@@ -136,3 +137,11 @@ def test_sequential_calls_collect_one_call_per_message():
     result = suite.run_sample(sample, backend, sequential_calls=8)
     assert result.passed and result.details["generations"] == 3
     assert backend.requests[1].messages[-1]["role"] == "tool"
+
+
+def test_a_real_local_model_is_graded(tiny_local_backend):
+    suite = BfclSuite()
+    sample = suite.samples(categories="simple", limit=1)[0]
+    result = suite.run_sample(sample, tiny_local_backend, max_tokens=8, temperature=0.0, reasoning_effort="low")
+    assert not result.passed and result.failure in ("truncated", "parse_error", "wrong_tool", "wrong_arguments")
+    assert result.details["error_type"]

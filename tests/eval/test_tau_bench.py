@@ -275,3 +275,14 @@ def test_action_basis_matches_gold_calls(suite):
     assert suite.run_sample(sample, suite.oracle(sample), reward_basis="DB,ACTION").passed
     wrong = suite.run_sample(sample, WrongActionsBackend(task), reward_basis="ACTION")
     assert wrong.details["trials"][0]["reward_breakdown"] == {ACTION: 0.0}
+
+
+def test_a_real_local_model_runs_the_loop(suite, samples, tiny_local_backend):
+    """The tiny random gpt-oss as the agent (scripted customer): the loop runs end to end and grades what it did."""
+    sample = samples[0]
+    result = suite.run_sample(sample, tiny_local_backend, user="scripted", max_tokens=8, max_steps=2,
+                              temperature=0.0, reasoning_effort="low")
+    trial = result.details["trials"][0]
+    assert trial["steps"] >= 1 and trial["messages"][1]["role"] == "user"
+    if trial["termination"] not in ("agent_stop", "user_stop"):  # random weights rarely finish a message
+        assert result.score == 0.0 and result.failure in ("truncated", "no_final", "parse_error", "wrong_arguments")

@@ -71,11 +71,11 @@ def decode_calls(result: GenerationResult, name_map: dict[str, str]) -> tuple[li
 def _failure(verdict: Verdict, result: GenerationResult, decode_error: str | None) -> str | None:
     if verdict.valid:
         return None
-    if result.error or result.finish_reason == "error":
+    if result.finish_reason == "error":  # the backend failed; result.error alone is a Harmony parse problem
         return "backend_error"
     if result.finish_reason == "truncated" and not result.tool_calls:
         return "truncated"
-    if decode_error and result.tool_calls:
+    if (decode_error and result.tool_calls) or (result.error and not result.tool_calls):
         return "parse_error"
     kind = verdict.error_type or ""
     if any(tag in kind for tag in ("wrong_func_name", "wrong_count", "cannot_find_match", "relevance", "decoder")):
@@ -179,7 +179,9 @@ class BfclSuite(Suite):
         merged = GenerationResult(
             text="".join(r.text for r in responses), final=responses[-1].final, analysis=responses[-1].analysis,
             tool_calls=[call for r in responses for call in r.tool_calls],
-            finish_reason=responses[-1].finish_reason, error=next((r.error for r in responses if r.error), None))
+            finish_reason=next((r.finish_reason for r in responses if r.finish_reason == "error"),
+                               responses[-1].finish_reason),
+            error=next((r.error for r in responses if r.error), None))
         calls, decode_error = decode_calls(merged, name_map)
         verdict = check_entry(entry, calls)
         details = {

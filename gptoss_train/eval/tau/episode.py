@@ -87,7 +87,7 @@ def run_episode(task: TauTask, agent: Backend, user, *, sample_id: str, limits: 
                 extra={"role": "agent", "trial": trial, "step": episode.steps},
             )
             result = agent.generate(request)
-            if result.error or result.finish_reason == "error":
+            if result.finish_reason == "error":  # the backend failed (after its retries); not the model's output
                 episode.termination, episode.agent_failure = "agent_error", "backend_error"
                 episode.error = result.error
                 return episode
@@ -121,8 +121,12 @@ def run_episode(task: TauTask, agent: Backend, user, *, sample_id: str, limits: 
                 continue
             if result.final is None or not result.final.strip():
                 episode.termination = "agent_error"
-                episode.agent_failure = "truncated" if result.finish_reason == "truncated" else "no_final"
-                episode.error = f"agent turn ended without a message or a tool call ({result.finish_reason})"
+                if result.finish_reason == "truncated":
+                    episode.agent_failure = "truncated"
+                else:
+                    episode.agent_failure = "parse_error" if result.error else "no_final"
+                episode.error = result.error or (
+                    f"agent turn ended without a message or a tool call ({result.finish_reason})")
                 return episode
             messages.append({"role": "assistant", "content": result.final})
             if AGENT_STOP in result.final:

@@ -97,8 +97,9 @@ class ModelUser:
             extra={"role": "user"},
         )
         result = self.backend.generate(request)
-        if result.error or result.final is None:
-            return UserTurn(None, error=result.error or f"user simulator gave no final message ({result.finish_reason})")
+        if result.finish_reason == "error" or not (result.final or "").strip():
+            reason = result.error or f"user simulator gave no final message ({result.finish_reason})"
+            return UserTurn(None, error=reason)
         text = result.final.strip()
         if any(token in text for token in STOP_TOKENS):
             return UserTurn(None)
