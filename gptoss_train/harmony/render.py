@@ -129,10 +129,28 @@ def _split_at_starts(tokens: list[int]) -> list[tuple[int, int]]:
     return [(begin, end) for begin, end in zip(starts, starts[1:] + [len(tokens)])]
 
 
+_MESSAGE_CACHE: dict[tuple[str, bool], tuple[int, ...]] = {}
+_MESSAGE_CACHE_SIZE = 4096
+
+
+def _render_message(message: Message, has_function_tools: bool) -> list[int]:
+    """``HarmonyEncoding.render`` of one message, cached by its JSON: the system and developer messages (tools!)
+    repeat across a dataset and are the most expensive ones to render. The message object itself is rendered on a
+    miss (a JSON round trip would turn ``reasoning_effort=None`` back into the default)."""
+    key = (message.to_json(), has_function_tools)
+    tokens = _MESSAGE_CACHE.get(key)
+    if tokens is None:
+        if len(_MESSAGE_CACHE) >= _MESSAGE_CACHE_SIZE:
+            _MESSAGE_CACHE.clear()
+        encoding = load_harmony_encoding()
+        tokens = tuple(encoding.render(message, RenderOptions(conversation_has_function_tools=has_function_tools)))
+        _MESSAGE_CACHE[key] = tokens
+    return list(tokens)
+
+
 def message_spans(conv: Conversation, tokens: list[int]) -> list[tuple[Message, int, int]]:
     """Pair each message openai-harmony rendered into ``tokens`` with its ``[start, end)`` token span."""
-    encoding = load_harmony_encoding()
-    options = RenderOptions(conversation_has_function_tools=_has_function_tools(conv))
+    has_tools = _has_function_tools(conv)
     pieces = _split_at_starts(tokens)
     spans: list[tuple[Message, int, int]] = []
     piece_index = 0
@@ -140,7 +158,7 @@ def message_spans(conv: Conversation, tokens: list[int]) -> list[tuple[Message, 
         if piece_index >= len(pieces):
             break
         begin, end = pieces[piece_index]
-        alone = encoding.render(message, options)
+        alone = _render_message(message, has_tools)
         piece = tokens[begin:end]
         # The training render ends the last final message with <|return|> instead of <|end|>.
         same = piece == alone or (
