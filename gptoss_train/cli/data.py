@@ -73,6 +73,8 @@ ON_ERROR_OPT = typer.Option(OnError.ERROR, "--on-error", help=(
     "Malformed examples: error (stop at the first, naming file:line) or skip (count them per reason)."))
 EFFORT_OPT = typer.Option(Effort.medium, "--reasoning-effort", help="Reasoning effort for rows that do not set one.")
 SPLIT_OPT = typer.Option("train", "--split", help="Split of a datasets folder or hub dataset.")
+WORKERS_OPT = typer.Option(1, "--workers", min=1,
+                           help="Render in this many processes (same output, faster on big datasets).")
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -109,11 +111,12 @@ def validate(
     reasoning_effort: Effort = EFFORT_OPT,
     split: str = SPLIT_OPT,
     max_samples: int = typer.Option(5, "--max-samples", help="Errors shown per reason."),
+    workers: int = WORKERS_OPT,
 ):
     """Check every example and list the problems (file:line, reason). Exit code 1 if any example is invalid."""
     report = BuildReport(max_samples_per_reason=max_samples)
     _build(source, split=split, policy=policy, max_length=max_length, truncation=Truncation.DROP,
-           on_error=OnError.SKIP, reasoning_effort=reasoning_effort.value, report=report)
+           on_error=OnError.SKIP, reasoning_effort=reasoning_effort.value, report=report, workers=workers)
     _print_report(report)
     notes = {"no trained tokens", "too long"}  # valid data that a training run would skip
     invalid = sum(count for reason, count in report.skipped.items() if reason not in notes)
@@ -170,12 +173,13 @@ def render(
     reasoning_effort: Effort = EFFORT_OPT,
     split: str = SPLIT_OPT,
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    workers: int = WORKERS_OPT,
 ):
     """Render conversations to token ids + loss masks (written atomically)."""
     if pack and not max_length:
         _fail("--pack needs --max-length (the length of a packed row)")
     examples, report = _build(source, split=split, policy=policy, max_length=max_length, truncation=truncation,
-                              on_error=on_error, reasoning_effort=reasoning_effort.value)
+                              on_error=on_error, reasoning_effort=reasoning_effort.value, workers=workers)
     packed_rows = None
     if pack:
         from gptoss_train.data.packing import pack_examples
@@ -262,12 +266,13 @@ def stats(
     reasoning_effort: Effort = EFFORT_OPT,
     split: str = SPLIT_OPT,
     as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON on stdout."),
+    workers: int = WORKERS_OPT,
 ):
     """Examples, tokens, trained-token fraction and the length histogram."""
     if pack and not max_length:
         _fail("--pack needs --max-length")
     examples, report = _build(source, split=split, policy=policy, max_length=max_length, truncation=truncation,
-                              on_error=on_error, reasoning_effort=reasoning_effort.value)
+                              on_error=on_error, reasoning_effort=reasoning_effort.value, workers=workers)
     packed_rows = None
     if pack:
         from gptoss_train.data.packing import pack_examples

@@ -151,6 +151,26 @@ def render_record(
     return example
 
 
+def _render_or_error(record: SourceRecord, options: dict) -> TrainingExample | DataError:
+    try:
+        return render_record(record, **options)
+    except DataError as error:
+        return error
+
+
+def _rendered(records: Iterable[SourceRecord], options: dict, workers: int) -> Iterator[TrainingExample | DataError]:
+    """Results in input order; with ``workers > 1`` rendered in worker processes (openai-harmony holds the GIL)."""
+    if workers <= 1:
+        for record in records:
+            yield _render_or_error(record, options)
+        return
+    import functools
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        yield from pool.map(functools.partial(_render_or_error, options=options), records, chunksize=32)
+
+
 def iter_examples(
     records: Iterable[SourceRecord],
     *,
@@ -160,29 +180,33 @@ def iter_examples(
     on_error: OnError | str = OnError.ERROR,
     reasoning_effort: str | None = "medium",
     report: BuildReport | None = None,
+    workers: int = 1,
 ) -> Iterator[TrainingExample]:
-    """Render every record; bad ones raise (``on_error="error"``) or are counted in ``report`` and skipped."""
+    """Render every record; bad ones raise (``on_error="error"``) or are counted in ``report`` and skipped.
+
+    ``workers > 1`` renders in that many processes; results, errors and the report are the same as with one.
+    """
     on_error = OnError(on_error)
     truncation = Truncation(truncation)
     report = report if report is not None else BuildReport()
-    for record in records:
+    options = dict(policy=MaskPolicy.parse(policy), max_length=max_length, truncation=truncation,
+                   reasoning_effort=reasoning_effort)
+    for result in _rendered(records, options, workers):
         report.read += 1
-        try:
-            example = render_record(record, policy=policy, max_length=max_length, truncation=truncation,
-                                    reasoning_effort=reasoning_effort)
-        except DataError as error:
+        if isinstance(result, DataError):
+            error = result
             # Over-long examples follow the truncation policy, whatever on_error says; examples with nothing to
             # train are valid data and always just counted.
             if error.reason == "too long":
                 if truncation is Truncation.ERROR:
-                    raise
+                    raise error
             elif error.reason != "no trained tokens" and on_error is OnError.ERROR:
-                raise
+                raise error
             report.skip(error)
             continue
         report.kept += 1
-        report.truncated += int(example.truncated)
-        yield example
+        report.truncated += int(result.truncated)
+        yield result
 
 
 def build_examples(records: Iterable[SourceRecord], *, progress: bool = False, total: int | None = None,

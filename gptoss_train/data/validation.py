@@ -21,9 +21,16 @@ class DataError(ValueError):
         self.hint = hint
         super().__init__(str(self))
 
+    def __reduce__(self):  # picklable, so worker processes can return it
+        return (_rebuild_data_error, (self.source, self.location, self.problem, self.reason, self.hint))
+
     def __str__(self) -> str:
         text = f"{self.source}:{self.location}: {self.problem}"
         return f"{text}\n  fix: {self.hint}" if self.hint else text
+
+
+def _rebuild_data_error(source, location, problem, reason, hint):
+    return DataError(source, location, problem, reason=reason, hint=hint)
 
 
 # How to fix each kind of problem (shown with the error).

@@ -103,7 +103,7 @@ def test_inspect_color(runner):
 
 
 def test_stats(runner):
-    result = runner.invoke(app, ["stats", CHAT, "--json", "--pack", "--max-length", "512"])
+    result = runner.invoke(app, ["stats", CHAT, "--json", "--pack", "--max-length", "512", "--workers", "2"])
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert payload["stats"]["examples"] == 5 and payload["stats"]["packed_rows"] == 2

@@ -179,3 +179,15 @@ def test_record_to_conversation_rejects_non_object():
     (record,) = read_rows([[1, 2]])
     with pytest.raises(DataError, match="row 0: expected a JSON object"):
         record_to_conversation(record)
+
+
+def test_workers_give_the_same_result():
+    serial, serial_report = load_examples(BAD, on_error="skip")
+    parallel, parallel_report = load_examples(BAD, on_error="skip", workers=2)
+    assert serial == parallel == [] and serial_report.to_dict() == parallel_report.to_dict()
+    good_serial, _ = load_examples(FIXTURES / "chat.jsonl", policy="final")
+    good_parallel, _ = load_examples(FIXTURES / "chat.jsonl", policy="final", workers=2)
+    assert [e.to_dict() for e in good_serial] == [e.to_dict() for e in good_parallel]
+    assert [e.location for e in good_parallel] == ["1", "2", "3", "4", "5"]
+    with pytest.raises(DataError, match=r"bad.jsonl:1: invalid JSON"):
+        load_examples(BAD, workers=2)
