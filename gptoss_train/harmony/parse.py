@@ -94,7 +94,8 @@ def parse_turn(completion_tokens: list[int], *, stopped_by: int | None = None) -
     """Parse the tokens generated after ``<|start|>assistant``.
 
     Tokens after the first ``<|return|>`` / ``<|call|>`` are ignored, and a leading ``<|start|>assistant`` (echoed
-    prompt) is skipped. Backends that strip the stop token can pass it as ``stopped_by``. Never raises on bad model output: problems go to ``error`` (and ``ToolCall.error``).
+    prompt) is skipped. Backends that strip the stop token can pass it as ``stopped_by``. Never raises on bad model
+    output: problems go to ``error`` (and ``ToolCall.error``).
     """
     encoding = load_harmony_encoding()
     tokens = [int(token) for token in completion_tokens]
