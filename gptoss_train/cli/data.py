@@ -73,6 +73,9 @@ ON_ERROR_OPT = typer.Option(OnError.ERROR, "--on-error", help=(
     "Malformed examples: error (stop at the first, naming file:line) or skip (count them per reason)."))
 EFFORT_OPT = typer.Option(Effort.medium, "--reasoning-effort", help="Reasoning effort for rows that do not set one.")
 SPLIT_OPT = typer.Option("train", "--split", help="Split of a datasets folder or hub dataset.")
+DROP_OPT = typer.Option(None, "--drop-analysis/--keep-analysis", help=(
+    "Reasoning before the first final answer: drop it (openai-harmony's training default) or keep it in the "
+    "sequence. Default: dropped for --policy final, kept for the policies that train reasoning."))
 WORKERS_OPT = typer.Option(1, "--workers", min=1,
                            help="Render in this many processes (same output, faster on big datasets).")
 
@@ -112,11 +115,13 @@ def validate(
     split: str = SPLIT_OPT,
     max_samples: int = typer.Option(5, "--max-samples", help="Errors shown per reason."),
     workers: int = WORKERS_OPT,
+    drop_analysis: Optional[bool] = DROP_OPT,
 ):
     """Check every example and list the problems (file:line, reason). Exit code 1 if any example is invalid."""
     report = BuildReport(max_samples_per_reason=max_samples)
     _build(source, split=split, policy=policy, max_length=max_length, truncation=Truncation.DROP,
-           on_error=OnError.SKIP, reasoning_effort=reasoning_effort.value, report=report, workers=workers)
+           on_error=OnError.SKIP, reasoning_effort=reasoning_effort.value, report=report, workers=workers,
+           auto_drop_analysis=drop_analysis)
     _print_report(report)
     notes = {"no trained tokens", "too long"}  # valid data that a training run would skip
     invalid = sum(count for reason, count in report.skipped.items() if reason not in notes)
@@ -174,12 +179,14 @@ def render(
     split: str = SPLIT_OPT,
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
     workers: int = WORKERS_OPT,
+    drop_analysis: Optional[bool] = DROP_OPT,
 ):
     """Render conversations to token ids + loss masks (written atomically)."""
     if pack and not max_length:
         _fail("--pack needs --max-length (the length of a packed row)")
     examples, report = _build(source, split=split, policy=policy, max_length=max_length, truncation=truncation,
-                              on_error=on_error, reasoning_effort=reasoning_effort.value, workers=workers)
+                              on_error=on_error, reasoning_effort=reasoning_effort.value, workers=workers,
+                              auto_drop_analysis=drop_analysis)
     packed_rows = None
     if pack:
         from gptoss_train.data.packing import pack_examples
@@ -216,6 +223,7 @@ def inspect(
     split: str = SPLIT_OPT,
     plain: Optional[bool] = typer.Option(None, "--plain/--color", help=(
         "plain: mark trained tokens as [[...]] (default when stdout is not a terminal); color: highlight them.")),
+    drop_analysis: Optional[bool] = DROP_OPT,
 ):
     """Show one example as Harmony text with the trained tokens highlighted."""
     from gptoss_train.harmony.encoding import load_harmony_encoding
@@ -232,7 +240,7 @@ def inspect(
         conv = record_to_conversation(record, reasoning_effort=reasoning_effort.value)
     except DataError as exc:
         _fail(str(exc))
-    example = render_for_training(conv, policy)
+    example = render_for_training(conv, policy, auto_drop_analysis=drop_analysis)
     encoding = load_harmony_encoding()
     if plain is None:
         plain = not out_console.is_terminal
@@ -267,12 +275,14 @@ def stats(
     split: str = SPLIT_OPT,
     as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON on stdout."),
     workers: int = WORKERS_OPT,
+    drop_analysis: Optional[bool] = DROP_OPT,
 ):
     """Examples, tokens, trained-token fraction and the length histogram."""
     if pack and not max_length:
         _fail("--pack needs --max-length")
     examples, report = _build(source, split=split, policy=policy, max_length=max_length, truncation=truncation,
-                              on_error=on_error, reasoning_effort=reasoning_effort.value, workers=workers)
+                              on_error=on_error, reasoning_effort=reasoning_effort.value, workers=workers,
+                              auto_drop_analysis=drop_analysis)
     packed_rows = None
     if pack:
         from gptoss_train.data.packing import pack_examples

@@ -129,10 +129,15 @@ def render_record(
     max_length: int | None = None,
     truncation: Truncation | str = Truncation.DROP,
     reasoning_effort: str | None = "medium",
+    auto_drop_analysis: bool | None = None,
 ) -> TrainingExample:
-    """One row -> one :class:`TrainingExample` (raises :class:`DataError`)."""
+    """One row -> one :class:`TrainingExample` (raises :class:`DataError`).
+
+    ``auto_drop_analysis``: None = the policy's default (see :mod:`gptoss_train.harmony.render`); False keeps all
+    reasoning in the sequence (e.g. as untrained context under the ``final`` policy).
+    """
     conv = record_to_conversation(record, reasoning_effort=reasoning_effort)
-    rendered = render_for_training(conv, policy)
+    rendered = render_for_training(conv, policy, auto_drop_analysis=auto_drop_analysis)
     example = TrainingExample(rendered.input_ids, rendered.loss_mask, record.source, record.location)
     if not any(example.loss_mask):
         raise record.fail(f"nothing to train under policy {MaskPolicy.parse(policy).value!r}", "no trained tokens")
@@ -181,6 +186,7 @@ def iter_examples(
     reasoning_effort: str | None = "medium",
     report: BuildReport | None = None,
     workers: int = 1,
+    auto_drop_analysis: bool | None = None,
 ) -> Iterator[TrainingExample]:
     """Render every record; bad ones raise (``on_error="error"``) or are counted in ``report`` and skipped.
 
@@ -190,7 +196,7 @@ def iter_examples(
     truncation = Truncation(truncation)
     report = report if report is not None else BuildReport()
     options = dict(policy=MaskPolicy.parse(policy), max_length=max_length, truncation=truncation,
-                   reasoning_effort=reasoning_effort)
+                   reasoning_effort=reasoning_effort, auto_drop_analysis=auto_drop_analysis)
     for result in _rendered(records, options, workers):
         report.read += 1
         if isinstance(result, DataError):
@@ -235,7 +241,8 @@ def load_examples(source, *, split: str = "train", progress: bool = False,
                   **options: Any) -> tuple[list[TrainingExample], BuildReport]:
     """Render a whole source (JSONL path, datasets folder, ``hf:NAME[:SPLIT]``, or an iterable of rows).
 
-    ``options``: ``policy``, ``max_length``, ``truncation``, ``on_error``, ``reasoning_effort`` (see
+    ``options``: ``policy``, ``max_length``, ``truncation``, ``on_error``, ``reasoning_effort``, ``workers``,
+    ``auto_drop_analysis`` (see
     :func:`iter_examples`). Returns the examples and a :class:`BuildReport` of what was skipped.
     """
     from gptoss_train.data.readers import open_source, read_rows

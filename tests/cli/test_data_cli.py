@@ -120,3 +120,13 @@ def test_inspect_example_with_nothing_trained(runner, tmp_path):
     result = runner.invoke(app, ["inspect", str(source)])
     assert result.exit_code == 0 and "[[" not in result.stdout and "unanswered" in result.stdout
     assert "nothing is trained" in result.output
+
+
+def test_keep_analysis_under_final_policy(runner):
+    """--keep-analysis keeps the reasoning as untrained context; the final policy drops it by default."""
+    dropped = runner.invoke(app, ["inspect", CHAT, "--index", "0", "--policy", "final"])
+    kept = runner.invoke(app, ["inspect", CHAT, "--index", "0", "--policy", "final", "--keep-analysis"])
+    assert "12 * 7 = 84." not in dropped.stdout
+    # The model generates the second <|start|>assistant of its turn itself, so it is trained with the final answer.
+    assert ("<|channel|>analysis<|message|>12 * 7 = 84.<|end|>[[<|start|>assistant<|channel|>final<|message|>84"
+            "<|return|>]]") in kept.stdout
