@@ -91,13 +91,12 @@ class Mxfp4GptOssExperts(nn.Module):
         return decoded
 
     def forward(self, hidden_states: torch.Tensor, router_indices=None, routing_weights=None) -> torch.Tensor:
-        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
         from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
         view = _DenseExpertsView(self, self.dense_weight("gate_up_proj"), self.dense_weight("down_proj"))
-        eager = GptOssExperts.forward.__wrapped__
-        implementation = ALL_EXPERTS_FUNCTIONS.get_interface(self.config._experts_implementation, eager)
-        return implementation(view, hidden_states, router_indices, routing_weights)
+        # transformers' own forward on the view: in 5.x it dispatches on config._experts_implementation
+        # (eager / grouped_mm / batched_mm) exactly as for a dense model.
+        return GptOssExperts.forward(view, hidden_states, router_indices, routing_weights)
 
     def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
         from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts

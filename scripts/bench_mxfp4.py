@@ -1,0 +1,135 @@
+"""Benchmark the MXFP4 codec on every expert matrix of a gpt-oss shape (decode to bf16, then encode back).
+
+    python scripts/bench_mxfp4.py                          # 20b shapes on the CPU (all 24 layers x 32 experts)
+    python scripts/bench_mxfp4.py --device cuda            # same on the GPU
+    python scripts/bench_mxfp4.py --preset tiny            # smoke test
+    python scripts/bench_mxfp4.py --layers 2               # a subset (the table then also extrapolates to all)
+
+20b: 24 layers x 32 experts x (5760x2880 gate_up + 2880x2880 down) = 19.1 G weights. Each layer's bytes are random
+(uniform codes, scale bytes 117-122, i.e. values of the size real weights have), decoded to bf16 in the checkpoint
+orientation [E, out, in] and encoded back with the chosen rule; the first layer also checks that the round trip
+gives the same values. Times exclude making the random bytes. Prints a table and, with --json, writes the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gptoss_train.model.tiny import preset_config  # noqa: E402
+from gptoss_train.quant import mxfp4  # noqa: E402
+
+
+def expert_shapes(preset: str) -> tuple[int, list[tuple[str, tuple[int, int, int]]]]:
+    cfg = preset_config(preset)
+    experts, hidden, inter = cfg["num_local_experts"], cfg["hidden_size"], cfg["intermediate_size"]
+    return cfg["num_hidden_layers"], [("gate_up_proj", (experts, 2 * inter, hidden)), ("down_proj", (experts, hidden, inter))]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_codec_benchmark(preset: str = "20b", device: str = "cpu", layers: int | None = None, rule: str = "best",
+                        seed: int = 0, verbose: bool = True) -> dict:
+    """Decode + encode every expert matrix of ``preset`` (or the first ``layers`` layers); returns timings."""
+    device = torch.device(device)
+    total_layers, shapes = expert_shapes(preset)
+    run_layers = min(layers or total_layers, total_layers)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    sources = {}
+    for name, (e, rows, cols) in shapes:
+        blocks = torch.randint(0, 256, (e, rows, cols // 32, 16), dtype=torch.uint8, generator=gen)
+        scales = torch.randint(117, 123, (e, rows, cols // 32), dtype=torch.uint8, generator=gen)
+        sources[name] = (blocks.to(device), scales.to(device))
+    decode_s = encode_s = 0.0
+    elements = 0
+    checked = False
+    # one warm-up pass on a small slice (table building, CUDA context, allocator)
+    for blocks, scales in sources.values():
+        mxfp4.encode(mxfp4.decode(blocks[:1], scales[:1]), rule=rule)
+    _sync(device)
+    for layer in range(run_layers):
+        for name, (blocks, scales) in sources.items():
+            t0 = time.perf_counter()
+            dense = mxfp4.decode(blocks, scales, dtype=torch.bfloat16)
+            _sync(device)
+            t1 = time.perf_counter()
+            new_blocks, new_scales = mxfp4.encode(dense, rule=rule)
+            _sync(device)
+            t2 = time.perf_counter()
+            decode_s += t1 - t0
+            encode_s += t2 - t1
+            elements += dense.numel()
+            if not checked:
+                again = mxfp4.decode(new_blocks, new_scales, dtype=torch.bfloat16)
+                if not torch.equal(again, dense):
+                    raise SystemExit(f"round trip changed values in {name}: codec bug")
+            del dense, new_blocks, new_scales
+        checked = True
+        if verbose:
+            print(f"layer {layer + 1}/{run_layers}: decode {decode_s:.2f} s, encode {encode_s:.2f} s so far", flush=True)
+    scale_to_all = total_layers / run_layers
+    return {
+        "preset": preset,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "rule": rule,
+        "layers_run": run_layers,
+        "layers_total": total_layers,
+        "elements": elements,
+        "decode_s": decode_s,
+        "encode_s": encode_s,
+        "total_s": decode_s + encode_s,
+        "total_s_all_layers": (decode_s + encode_s) * scale_to_all,
+        "decode_gelem_per_s": elements / decode_s / 1e9,
+        "encode_gelem_per_s": elements / encode_s / 1e9,
+    }
+
+
+def print_table(result: dict) -> None:
+    rows = [
+        ("device", result["device"]),
+        ("torch", result["torch"]),
+        ("shape", f"{result['preset']}: {result['layers_run']}/{result['layers_total']} layers, {result['elements'] / 1e9:.2f} G weights"),
+        ("rule", result["rule"]),
+        ("decode (bf16)", f"{result['decode_s']:.2f} s  ({result['decode_gelem_per_s']:.2f} G weights/s)"),
+        ("encode", f"{result['encode_s']:.2f} s  ({result['encode_gelem_per_s']:.2f} G weights/s)"),
+        ("decode + encode", f"{result['total_s']:.2f} s"),
+    ]
+    if result["layers_run"] != result["layers_total"]:
+        rows.append(("all layers (extrapolated)", f"{result['total_s_all_layers']:.1f} s"))
+    width = max(len(k) for k, _ in rows)
+    print("\nMXFP4 codec benchmark")
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="20b", choices=["tiny", "20b", "120b"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--layers", type=int, default=None, help="run only the first N layers")
+    parser.add_argument("--rule", default="best", choices=list(mxfp4.RULES))
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run_codec_benchmark(args.preset, args.device, args.layers, args.rule)
+    print_table(result)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
