@@ -119,8 +119,14 @@ def _tuned_weights(base: Path, adapter, model, device) -> TunedWeights | None:
         from gptoss_train.model.load import load_model
         from gptoss_train.model.merge import merge_adapter
 
-        kwargs = {"device": device} if device is not None else {}
-        merged = merge_adapter(load_model(str(base), experts="bf16", **kwargs), str(adapter_dir))
+        target = torch.device(device or "cpu")
+        if target.type == "cpu":
+            # float32: a small LoRA delta is not rounded to bf16 before requantization sees it
+            merged = merge_adapter(str(base), str(adapter_dir), dtype=torch.float32, device=target)
+        else:
+            # On a GPU a float32 20b does not fit: experts stay MXFP4-resident until merge_adapter densifies them
+            # (bf16). The bf16 rounding of W0 + delta is far below the FP4 step that requantization applies next.
+            merged = merge_adapter(load_model(str(base), experts="mxfp4", device=target), str(adapter_dir))
         return ModelWeights(merged)
     return None
 
