@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from gptoss_train.kernels.gen_model import decode_step  # noqa: E402
+from gptoss_train.kernels.gen_model import decode_step, use_compiled_kernels  # noqa: E402
 from gptoss_train.kernels.generation import FastGenerator  # noqa: E402
 
 PRESETS = {
@@ -219,6 +219,8 @@ def main() -> None:
     ap.add_argument("--stock-new", type=int, default=5, help="new tokens per sequence (transformers; slow)")
     ap.add_argument("--no-stock", action="store_true")
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--compiled-batches", default="", help="also time these batches with torch.compile'd pieces")
+    ap.add_argument("--compiled-prompt", type=int, default=512)
     ap.add_argument("--out", default="bench-generate")
     args = ap.parse_args()
     out_dir = Path(args.out)
@@ -260,6 +262,28 @@ def main() -> None:
     if not args.no_profile:
         for batch in (min(batches), max(batches)):
             extra[f"profile_b{batch}"] = profile_step(gen, batch, 1024 if max_len >= 1024 else gen._length_buckets[0], out_dir)
+    if args.compiled_batches:
+        # Same generator, element-wise pieces through torch.compile; fresh graphs (the captured ones hold eager kernels).
+        try:
+            use_compiled_kernels(True)
+            gen._graphs.clear()
+            t0 = time.perf_counter()
+            for batch in [int(b) for b in args.compiled_batches.split(",")]:
+                gen.generate(random_prompts(batch, args.compiled_prompt, 1), max_new_tokens=3, temperature=0, stop_ids=())
+            extra["compile_warmup_s"] = time.perf_counter() - t0
+            print(f"compile + warm-up: {extra['compile_warmup_s']:.1f}s")
+            for batch in [int(b) for b in args.compiled_batches.split(",")]:
+                row = bench_ours(gen, batch, args.compiled_prompt, args.new)
+                row["impl"] = "ours+compile"
+                row["floor_ms"] = weight_bytes_per_step(model, batch) / 3.0e12 * 1000
+                rows.append(row)
+                print(json.dumps(row))
+                extra[f"compiled_graph_step_ms_b{batch}_kv1024"] = graph_step_ms(gen, batch, 1024)
+        except Exception as err:  # noqa: BLE001 - an experimental row must not lose the others
+            print(f"compiled variant failed: {type(err).__name__}: {err}")
+            extra["compiled_error"] = f"{type(err).__name__}: {str(err)[:300]}"
+        finally:
+            use_compiled_kernels(False)
     del gen
     if device == "cuda":
         torch.cuda.empty_cache()

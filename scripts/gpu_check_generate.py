@@ -29,8 +29,99 @@ for p in (ROOT, ROOT / "scripts"):
 
 from bench_generate import build_random_model, random_prompts, use_stock_experts  # noqa: E402
 
-from gptoss_train.kernels.gen_model import KVCache, prefill  # noqa: E402
+from gptoss_train.kernels.gen_model import (  # noqa: E402
+    KVCache,
+    moe,
+    out_projection,
+    prefill,
+    prefill_attention,
+    qkv_rope,
+    swiglu,
+)
 from gptoss_train.kernels.generation import FastGenerator  # noqa: E402
+
+
+def _rel(a, b) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def _attention_fp32(w, layer, q, k, v):
+    """Causal (or sliding) attention with the sink, plainly in fp32: the yardstick for the SDPA formulation."""
+    t = q.shape[0]
+    groups = w.num_heads // w.num_kv_heads
+    qf = q.float().transpose(0, 1)
+    kf = k.float().transpose(0, 1).repeat_interleave(groups, 0)
+    vf = v.float().transpose(0, 1).repeat_interleave(groups, 0)
+    scores = qf @ kf.transpose(1, 2) * w.scaling
+    i = torch.arange(t, device=q.device)
+    allowed = i[None, :] <= i[:, None]
+    if layer.sliding:
+        allowed &= i[None, :] > i[:, None] - w.window
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    sink = layer.sinks.float()[:, None, None].expand(-1, t, 1)
+    probs = torch.softmax(torch.cat([scores, sink], -1), -1)[..., :-1]
+    return (probs @ vf).transpose(0, 1).reshape(t, -1)
+
+
+def _moe_fp32_loop(w, layer, h):
+    """Routed experts one (token, expert) pair at a time in fp32: the yardstick for the grouped GEMMs."""
+    logits = torch.nn.functional.linear(h, layer.router_w, layer.router_b)
+    top_v, top_i = torch.topk(logits, w.top_k, dim=-1)
+    scores = torch.softmax(top_v.float(), dim=1)
+    out = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+    for t in range(h.shape[0]):
+        for j in range(w.top_k):
+            e = int(top_i[t, j])
+            gu = h[t].float() @ layer.gate_up[e].float() + layer.gate_up_b[e].float()
+            y = swiglu(gu, w.swiglu_alpha, w.swiglu_limit) @ layer.down[e].float() + layer.down_b[e].float()
+            out[t] += scores[t, j] * y
+    return out
+
+
+def layer_diagnostics(model, weights, prompt, use_grouped) -> list[dict]:
+    """Per layer, on transformers' own inputs to that layer's attention and MLP: our output vs transformers' output,
+    and our bf16 pieces vs plain fp32 formulas. Localises a mismatch to one component instead of 24 layers."""
+    captured: dict = {}
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        def attn_hook(module, args, kwargs, out, i=i):
+            captured[i, "attn_in"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            captured[i, "attn_out"] = out[0] if isinstance(out, tuple) else out
+
+        def mlp_hook(module, args, out, i=i):
+            captured[i, "mlp_in"] = args[0]
+            captured[i, "mlp_out"] = out[0] if isinstance(out, tuple) else out
+
+        hooks.append(layer.self_attn.register_forward_hook(attn_hook, with_kwargs=True))
+        hooks.append(layer.mlp.register_forward_hook(mlp_hook))
+    with torch.no_grad():
+        model(torch.tensor([prompt], device=model.device))
+    for h in hooks:
+        h.remove()
+    t = len(prompt)
+    pos = torch.arange(t, device=model.device)
+    rows = []
+    with torch.no_grad():
+        for i, layer in enumerate(weights.layers):
+            a_in = captured[i, "attn_in"].reshape(t, -1)
+            q, k, v = qkv_rope(weights, layer, a_in, weights.cos2[pos], weights.sin2[pos])
+            core = prefill_attention(weights, layer, q, k, v, [(0, t)], 1024).reshape(t, -1)
+            attn = out_projection(layer, core)
+            m_in = captured[i, "mlp_in"].reshape(t, -1)
+            mine = moe(weights, layer, m_in, use_grouped)
+            row = dict(
+                layer=i, sliding=layer.sliding,
+                attn_vs_transformers=_rel(attn, captured[i, "attn_out"].reshape(t, -1)),
+                sdpa_vs_fp32=_rel(core, _attention_fp32(weights, layer, q, k, v)),
+                moe_vs_transformers=_rel(mine, captured[i, "mlp_out"].reshape(t, -1)),
+            )
+            if i in (0, len(weights.layers) - 1):
+                row["moe_vs_fp32_loop"] = _rel(mine[:8], _moe_fp32_loop(weights, layer, m_in[:8]))
+                row["transformers_moe_vs_fp32_loop"] = _rel(captured[i, "mlp_out"].reshape(t, -1)[:8], _moe_fp32_loop(weights, layer, m_in[:8]))
+            rows.append(row)
+            print(json.dumps(row))
+    return rows
 
 
 def main() -> None:
@@ -50,13 +141,17 @@ def main() -> None:
     prompts = [random_prompts(1, n, seed=n)[0] for n in lens]
     max_len = max(lens) + args.new + 8
 
+    use_stock_experts(model, args.ref_experts)
+    probe = FastGenerator(model, max_batch=1, max_seq_len=max_len, use_cuda_graphs=False)
+    diagnostics = layer_diagnostics(model, probe.weights, prompts[0], probe.use_grouped)
+    del probe
+
     graphs = FastGenerator(model, max_batch=4, max_seq_len=max_len, use_cuda_graphs=True)
     ours = graphs.generate(prompts, max_new_tokens=args.new, temperature=0, stop_ids=())
     del graphs
     eager = FastGenerator(model, max_batch=4, max_seq_len=max_len, use_cuda_graphs=False)
     ours_eager = eager.generate(prompts, max_new_tokens=args.new, temperature=0, stop_ids=())
 
-    use_stock_experts(model, args.ref_experts)
     report = []
     ok = ours == ours_eager
     for prompt, mine in zip(prompts, ours):
@@ -85,7 +180,8 @@ def main() -> None:
         summary = {k: v for k, v in row.items() if k not in ("ours", "reference")}
         print(json.dumps(summary))
     result = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
-                  ref_experts=args.ref_experts, graph_equals_eager=ours == ours_eager, prompts=report)
+                  ref_experts=args.ref_experts, graph_equals_eager=ours == ours_eager, prompts=report,
+                  layers=diagnostics)
     (out_dir / "check.json").write_text(json.dumps(result, indent=1))
     print(f"graph path == eager path: {ours == ours_eager}")
     for row in report:

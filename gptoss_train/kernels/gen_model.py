@@ -249,6 +249,7 @@ def collect_weights(model, max_seq_len: int) -> ModelWeights:
                 lora_down=expert_loras.get("down_proj"),
             )
         )
+    first_experts, _ = _experts_with_lora(core.layers[0].mlp.experts)
     head, head_lora = _peft_lora_linear(base.lm_head)
     if head_lora is not None:
         raise UnsupportedModel("LoRA on lm_head is not supported by fast generation")
@@ -273,8 +274,9 @@ def collect_weights(model, max_seq_len: int) -> ModelWeights:
         window=int(cfg.sliding_window or 0),
         top_k=cfg.num_experts_per_tok,
         num_experts=cfg.num_local_experts,
-        swiglu_alpha=cfg.swiglu_alpha,
-        swiglu_limit=cfg.swiglu_limit,
+        # transformers 5.17 keeps these on the experts module only; 5.23 also on the config.
+        swiglu_alpha=float(getattr(first_experts, "alpha", getattr(cfg, "swiglu_alpha", 1.702))),
+        swiglu_limit=float(getattr(first_experts, "limit", getattr(cfg, "swiglu_limit", 7.0))),
         dtype=dtype,
     )
 
@@ -346,33 +348,42 @@ def swiglu(gate_up: Tensor, alpha: float, limit: float) -> Tensor:
     return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
-def moe(w: ModelWeights, layer: LayerWeights, h: Tensor, use_grouped: bool) -> Tensor:
-    """Routed experts for h [T, hidden] with no host synchronisation (graph-capturable)."""
-    tokens = h.shape[0]
-    top_k = w.top_k
-    logits = F.linear(h, layer.router_w, layer.router_b)
+def route(logits: Tensor, top_k: int, num_experts: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Top-k routing, pairs sorted by expert: (scores of sorted pairs, order, expert of each sorted pair,
+    token of each sorted pair, cumulative pair count per expert as int32)."""
     top_v, top_i = torch.topk(logits, top_k, dim=-1)
     scores = torch.softmax(top_v, dim=1, dtype=top_v.dtype)  # activation dtype, as GptOssTopKRouter
     expert_ids = top_i.reshape(-1)
     order = torch.argsort(expert_ids, stable=True)
-    expert_sorted = expert_ids[order]
-    token_sorted = torch.div(order, top_k, rounding_mode="floor")
-    counts = torch.zeros(w.num_experts, dtype=torch.int32, device=h.device)
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=logits.device)
     counts.scatter_add_(0, expert_ids, torch.ones_like(expert_ids, dtype=torch.int32))
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    return scores.reshape(-1)[order], order, expert_ids[order], torch.div(order, top_k, rounding_mode="floor"), offs
+
+
+def combine(out: Tensor, scores_sorted: Tensor, order: Tensor, top_k: int, dtype: torch.dtype) -> Tensor:
+    """Weight each sorted pair's expert output, un-sort, add a token's top-k outputs in fp32.
+
+    Deterministic (no atomics), unlike index_add_ on CUDA."""
+    out = out * scores_sorted[:, None]
+    unsorted = torch.empty_like(out)
+    unsorted[order] = out
+    return unsorted.view(-1, top_k, out.shape[-1]).sum(dim=1, dtype=torch.float32).to(dtype)
+
+
+def moe(w: ModelWeights, layer: LayerWeights, h: Tensor, use_grouped: bool) -> Tensor:
+    """Routed experts for h [T, hidden] with no host synchronisation (graph-capturable)."""
+    logits = F.linear(h, layer.router_w, layer.router_b)
+    scores_sorted, order, expert_sorted, token_sorted, offs = KERNELS["route"](logits, w.top_k, w.num_experts)
     x = h[token_sorted]
     gate_up = expert_mm(x, layer.gate_up, offs, expert_sorted, use_grouped) + layer.gate_up_b[expert_sorted]
     if layer.lora_gate_up is not None:
         gate_up = gate_up + _expert_lora(x, layer.lora_gate_up, offs, expert_sorted, use_grouped)
-    act = swiglu(gate_up, w.swiglu_alpha, w.swiglu_limit)
+    act = KERNELS["swiglu"](gate_up, w.swiglu_alpha, w.swiglu_limit)
     out = expert_mm(act, layer.down, offs, expert_sorted, use_grouped) + layer.down_b[expert_sorted]
     if layer.lora_down is not None:
         out = out + _expert_lora(act, layer.lora_down, offs, expert_sorted, use_grouped)
-    out = out * scores.reshape(-1)[order, None]
-    # Un-sort and add the top-k contributions in fp32: deterministic (no atomics), unlike index_add_ on CUDA.
-    unsorted = torch.empty_like(out)
-    unsorted[order] = out
-    return unsorted.view(tokens, top_k, -1).sum(dim=1, dtype=torch.float32).to(h.dtype)
+    return KERNELS["combine"](out, scores_sorted, order, w.top_k, h.dtype)
 
 
 def _expert_lora(x: Tensor, lora: ExpertLoRA, offs: Tensor, expert_of_row: Tensor, use_grouped: bool) -> Tensor:
@@ -395,7 +406,7 @@ def qkv_rope(
         ]
         qkv = qkv + torch.cat(delta, dim=-1)
     heads = qkv.view(t, w.num_heads + 2 * w.num_kv_heads, w.head_dim)
-    qk = rope(heads[:, : w.num_heads + w.num_kv_heads], cos2, sin2)
+    qk = KERNELS["rope"](heads[:, : w.num_heads + w.num_kv_heads], cos2, sin2)
     return qk[:, : w.num_heads], qk[:, w.num_heads :], heads[:, w.num_heads + w.num_kv_heads :]
 
 
@@ -483,7 +494,7 @@ def prefill(
     cos2, sin2 = w.cos2[pos_t], w.sin2[pos_t]
     x = w.embed[ids_t]
     for li, layer in enumerate(w.layers):
-        h = rms_norm(x, layer.input_norm, layer.norm_eps)
+        h = KERNELS["rms_norm"](x, layer.input_norm, layer.norm_eps)
         q, k, v = qkv_rope(w, layer, h, cos2, sin2)
         for (start, length), slot in zip(spans, slots):
             if layer.sliding:
@@ -495,7 +506,7 @@ def prefill(
                 cache.v[li][slot, :, :length] = v[start : start + length].transpose(0, 1)
         attn = prefill_attention(w, layer, q, k, v, spans, q_chunk)
         x = x + out_projection(layer, attn.reshape(x.shape[0], -1))
-        h = rms_norm(x, layer.post_norm, layer.norm_eps)
+        h = KERNELS["rms_norm"](x, layer.post_norm, layer.norm_eps)
         x = x + moe(w, layer, h, use_grouped)
     if not all_logits:
         last = torch.tensor([s + n - 1 for s, n in spans], dtype=torch.long, device=device)
@@ -518,13 +529,20 @@ def decode_attention(
     groups = heads // kv_heads
     qg = q.reshape(batch, kv_heads, groups, d)
     scores = torch.matmul(qg, keys.transpose(-1, -2))  # [B, Hkv, G, L], activation dtype as the eager path
+    probs = KERNELS["sink_softmax"](scores, valid, sinks, scale)
+    out = torch.matmul(probs, values)  # [B, Hkv, G, D]
+    return out.reshape(batch, heads * d)
+
+
+def sink_softmax(scores: Tensor, valid: Tensor, sinks: Tensor, scale: float) -> Tensor:
+    """softmax([scores * scale, sink]) without the sink column, masked by valid [B, L]; scores [B, Hkv, G, L]."""
+    batch, kv_heads, groups, _ = scores.shape
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    # The sink is one more logit per head in the softmax; divided by `scale` here because the scale multiplies
-    # the whole row below (scale is a power of two: exact).
+    # The sink is one more logit per head; divided by `scale` here because the scale multiplies the whole row
+    # below (scale is a power of two for gpt-oss: exact).
     sink = (sinks.float() / scale).to(scores.dtype).view(1, kv_heads, groups, 1).expand(batch, -1, -1, -1)
     probs = torch.softmax(torch.cat([scores, sink], dim=-1) * scale, dim=-1, dtype=torch.float32)
-    out = torch.matmul(probs[..., :-1].to(values.dtype), values)  # [B, Hkv, G, D]
-    return out.reshape(batch, heads * d)
+    return probs[..., :-1].to(scores.dtype)
 
 
 def decode_step(
@@ -543,7 +561,7 @@ def decode_step(
     ring_pos = positions % max(w.window, 1)
     x = w.embed[tokens]
     for li, layer in enumerate(w.layers):
-        h = rms_norm(x, layer.input_norm, layer.norm_eps)
+        h = KERNELS["rms_norm"](x, layer.input_norm, layer.norm_eps)
         q, k, v = qkv_rope(w, layer, h, cos2, sin2)
         kc, vc = cache.k[li], cache.v[li]
         if layer.sliding:
@@ -557,7 +575,27 @@ def decode_step(
                 q, kc[:batch, :, :kv_len], vc[:batch, :, :kv_len], full_valid, layer.sinks, w.scaling
             )
         x = x + out_projection(layer, attn)
-        h = rms_norm(x, layer.post_norm, layer.norm_eps)
+        h = KERNELS["rms_norm"](x, layer.post_norm, layer.norm_eps)
         x = x + moe(w, layer, h, use_grouped)
     x = rms_norm(x, w.final_norm, w.norm_eps)
     return F.linear(x, w.lm_head).float()
+
+
+# The small element-wise pieces of a step, looked up at call time so that `use_compiled_kernels` can swap in
+# torch.compile'd versions (fusing ~60 small kernels a layer into a few); plain eager functions by default.
+EAGER_KERNELS = dict(rms_norm=rms_norm, rope=rope, swiglu=swiglu, route=route, combine=combine, sink_softmax=sink_softmax)
+KERNELS = dict(EAGER_KERNELS)
+
+
+def use_compiled_kernels(enabled: bool) -> None:
+    """Route the element-wise pieces through torch.compile (Inductor/Triton on CUDA). Process-wide switch."""
+    KERNELS.clear()
+    if not enabled:
+        KERNELS.update(EAGER_KERNELS)
+        return
+    import torch._dynamo
+
+    # Shapes change with the batch bucket and every prefill; automatic dynamic shapes settle after one recompile.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for name, fn in EAGER_KERNELS.items():
+        KERNELS[name] = torch.compile(fn, fullgraph=False)
