@@ -100,6 +100,13 @@ def sink_attention_reference(query, key, value, sinks, *, scaling: float, mask: 
 @functools.cache
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
+
+    # Each sequence length x (grad, no-grad) x mask sparsity is one specialisation; the default limit of 8 was hit by
+    # a run that trained 2K, 16K, 32K and 64K in one process, and past it dynamo silently runs flex uncompiled.
+    import torch._dynamo.config as dynamo_config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
     return torch.compile(flex_attention, dynamic=False)
 
 

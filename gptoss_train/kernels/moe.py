@@ -187,17 +187,26 @@ def _projection(x, base, name, adapters, offs):
     return out
 
 
-def _swiglu(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
-    # Same as GptOssExperts._apply_gate: interleaved gate/up, clamped, (up + 1) * gate * sigmoid(alpha * gate).
+def _bias_swiglu(gate_up: torch.Tensor, bias: torch.Tensor, sorted_experts: torch.Tensor, alpha: float,
+                 limit: float) -> torch.Tensor:
+    # Same as GptOssExperts._apply_gate after its bias add: interleaved gate/up, clamped,
+    # (up + 1) * gate * sigmoid(alpha * gate). One fused kernel on CUDA (the bias gather never materialises).
+    gate_up = gate_up + bias[sorted_experts].to(gate_up.dtype)
     gate, up = gate_up[..., ::2], gate_up[..., 1::2]
     gate = gate.clamp(max=limit)
     up = up.clamp(min=-limit, max=limit)
     return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
+def _bias_route(down: torch.Tensor, bias: torch.Tensor, sorted_experts: torch.Tensor,
+                weights: torch.Tensor) -> torch.Tensor:
+    # (down + b_e) * routing weight, fused on CUDA.
+    return (down + bias[sorted_experts].to(down.dtype)) * weights.unsqueeze(-1).to(down.dtype)
+
+
 @functools.cache
-def _swiglu_compiled():
-    return torch.compile(_swiglu, dynamic=True)
+def _compiled(fn):
+    return torch.compile(fn, dynamic=None)
 
 
 def moe_experts_forward(hidden: torch.Tensor, router_indices: torch.Tensor, routing_weights: torch.Tensor,
@@ -219,11 +228,12 @@ def moe_experts_forward(hidden: torch.Tensor, router_indices: torch.Tensor, rout
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
     x = _GatherRows.apply(hidden, order // top_k, inverse, top_k)  # [T*K, H], grouped by expert
-    gate_up = _projection(x, base, "gate_up_proj", adapters, offs) + base.gate_up_proj_bias[sorted_experts].to(x.dtype)
-    swiglu = _swiglu_compiled() if x.is_cuda else _swiglu
-    act = swiglu(gate_up, base.alpha, base.limit)
-    down = _projection(act, base, "down_proj", adapters, offs) + base.down_proj_bias[sorted_experts].to(x.dtype)
-    down = down * routing_weights.reshape(-1)[order].unsqueeze(-1).to(down.dtype)
+    bias_swiglu = _compiled(_bias_swiglu) if x.is_cuda else _bias_swiglu
+    bias_route = _compiled(_bias_route) if x.is_cuda else _bias_route
+    gate_up = _projection(x, base, "gate_up_proj", adapters, offs)
+    act = bias_swiglu(gate_up, base.gate_up_proj_bias, sorted_experts, base.alpha, base.limit)
+    down = _projection(act, base, "down_proj", adapters, offs)
+    down = bias_route(down, base.down_proj_bias, sorted_experts, routing_weights.reshape(-1)[order])
     # Back to (token, k) order without atomics: gather by the inverse permutation, then sum the K contributions.
     unsorted = _GatherRows.apply(down, inverse, order, 1)
     return unsorted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden.dtype)
