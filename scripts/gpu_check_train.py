@@ -102,8 +102,9 @@ def main(argv=None) -> int:
 
     # Packed documents: two examples in one row (positions restart) vs each alone, through the flex block mask.
     with torch.no_grad():
-        first, second = ids[0:1, :600], ids[1:2, :424]
-        positions = torch.cat([torch.arange(600), torch.arange(424)]).to(device)[None]
+        split = args.seq * 5 // 8
+        first, second = ids[0:1, :split], ids[1:2, : args.seq - split]
+        positions = torch.cat([torch.arange(split), torch.arange(args.seq - split)]).to(device)[None]
         base = model.get_base_model()
         packed = base.model(input_ids=torch.cat([first, second], 1), position_ids=positions).last_hidden_state
         alone = torch.cat([base.model(input_ids=first).last_hidden_state,
