@@ -285,3 +285,29 @@ def test_gguf_py_float_log2_edge_case_is_documented():
     gguf_scales = quantize(x, GGMLQuantizationType.MXFP4).reshape(len(k), 17)[:, 0].astype(np.int64)
     assert set(np.unique(gguf_scales - exact)) <= {0, 1}
     assert np.array_equal(differs, gguf_scales != exact)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule", ["ocp", "noclip", "best"])
+def test_compiled_encode_is_bit_identical_to_eager(rule):
+    """The torch.compile'd kernel (used for big tensors) gives the same bytes as the eager path; ~10-20 s to compile."""
+    x = torch.cat([_tie_rich_data(5).reshape(-1, 32), (torch.randn(4096, 32) * 0.02), torch.zeros(64, 32)])
+    x[-1, 3] = -0.0
+    values = decode(*encode(x), dtype=torch.float32)  # exactly representable blocks: many error ties in `best`
+    for data in (x, values, x.bfloat16()):
+        eager = encode(data, rule=rule, compile=False, chunk_elements=32 * 512)
+        compiled = encode(data, rule=rule, compile=True, chunk_elements=32 * 512)
+        assert torch.equal(compiled[0], eager[0]) and torch.equal(compiled[1], eager[1])
+    assert not mxfp4._compile_failed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_compiled_decode_is_bit_identical_to_eager(dtype):
+    blocks, scales = _all_codes_and_scales()
+    blocks = torch.cat([blocks, torch.randint(0, 256, (1, 16, 16), dtype=torch.uint8)])
+    scales = torch.cat([scales, torch.full((1, 16), 255, dtype=torch.uint8)])
+    eager = decode(blocks, scales, dtype=dtype, compile=False, chunk_elements=512)
+    compiled = decode(blocks, scales, dtype=dtype, compile=True, chunk_elements=512)
+    assert torch.equal(_bits(compiled), _bits(eager))
+    assert not mxfp4._compile_failed
