@@ -16,6 +16,8 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 python -m pip install -q "torch==2.13.0" -e ".[dev,offline,eval]"
+# BFCL data + official checker only: its declared dependencies (numpy==1.26.4, provider SDKs) would break datasets.
+python -m pip install -q --no-deps "bfcl-eval==2026.3.23"
 if [ "${GPTOSS_SKIP_LLAMACPP:-0}" != "1" ]; then
   # -DGGML_NATIVE=OFF keeps the wheel portable; LLAVA off and two build jobs keep the compile to a few minutes.
   CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
