@@ -254,6 +254,7 @@ def build_checkpoint(
     device: str | torch.device | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    tokenizer: bool = True,
     **config_overrides,
 ) -> Path:
     """Write a random gpt-oss checkpoint in the hub layout to ``out_dir`` and return it.
@@ -261,6 +262,8 @@ def build_checkpoint(
     ``out_dir`` may be missing or empty (``overwrite=True`` replaces a non-empty one). The folder is written under a
     temporary name next to it and renamed at the end: a crash never leaves a half-written checkpoint behind.
     ``config_overrides`` take HF config keys or the aliases in :data:`CONFIG_ALIASES` (``layers=4, experts=8``).
+    ``tokenizer=False`` leaves out the tokenizer files (weight-only benchmarks; building the tokenizer needs the
+    o200k vocabulary).
     """
     out_dir = Path(out_dir)
     config = preset_config(preset, **config_overrides)
@@ -290,9 +293,10 @@ def build_checkpoint(
             writer.finish()
             (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             (staging / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
-            from gptoss_train.harmony.tokenizer import copy_tokenizer_files
+            if tokenizer:
+                from gptoss_train.harmony.tokenizer import copy_tokenizer_files
 
-            copy_tokenizer_files(staging)
+                copy_tokenizer_files(staging)
             advance()
         if out_dir.exists():
             shutil.rmtree(out_dir)
