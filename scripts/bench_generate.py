@@ -41,8 +41,12 @@ PRESETS = {
 }
 
 
-def build_random_model(preset: str, device: str, dtype: torch.dtype, seed: int = 0):
-    """A randomly initialised GptOssForCausalLM of the preset's shape, built directly on `device` in `dtype`."""
+def build_random_model(preset: str, device: str, dtype: torch.dtype, seed: int = 0, embed_std: float | None = None):
+    """A randomly initialised GptOssForCausalLM of the preset's shape, built directly on `device` in `dtype`.
+
+    embed_std rescales the token embeddings. With transformers' init (std 0.02) every layer adds O(1) outputs to a
+    0.02-sized token signal, so logits hinge on bf16 rounding of large common terms (see gpu_check_generate.py);
+    a larger embedding keeps the token identity dominant and the greedy path well-conditioned."""
     from transformers import GptOssConfig, GptOssForCausalLM
 
     config = GptOssConfig(vocab_size=201088, **PRESETS[preset])
@@ -60,6 +64,8 @@ def build_random_model(preset: str, device: str, dtype: torch.dtype, seed: int =
         for name, param in model.named_parameters():
             if name.endswith(("_bias", "sinks")) or "router" in name:
                 param.normal_(0, 0.5 if "sinks" in name else 0.05)
+        if embed_std is not None:
+            model.model.embed_tokens.weight.normal_(0, embed_std)
     return model
 
 

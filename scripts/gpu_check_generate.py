@@ -124,20 +124,63 @@ def layer_diagnostics(model, weights, prompt, use_grouped) -> list[dict]:
     return rows
 
 
+def conditioning_probe(preset, device, dtype, length, ref_experts) -> dict:
+    """How well-posed greedy agreement is on the standard-init random model, measured on transformers alone.
+
+    One random sequence; transformers' logits from one full forward vs from two chunks (the second half reading the
+    first half's KV cache): the same model and library in a different bf16 operation order. Our prefill is compared
+    with the full forward too. Top-1 agreement over the second half's positions."""
+    from transformers import DynamicCache
+
+    model = build_random_model(preset, device, dtype, seed=1)
+    use_stock_experts(model, ref_experts)
+    seq = random_prompts(1, length, seed=7)[0]
+    ids = torch.tensor([seq], device=device)
+    half = length // 2
+    with torch.no_grad():
+        full = model(ids).logits[0, half:].float()
+        cache = DynamicCache(config=model.config)
+        model(ids[:, :half], past_key_values=cache, use_cache=True)
+        chunked = model(ids[:, half:], past_key_values=cache, use_cache=True).logits[0].float()
+        gen = FastGenerator(model, max_batch=1, max_seq_len=length + 8, use_cuda_graphs=False)
+        cache_ours = KVCache(gen.weights, 1, length + 8)
+        ours = prefill(gen.weights, cache_ours, [seq], [0], gen.use_grouped, all_logits=True)[half:]
+    agree = lambda a, b: float((a.argmax(-1) == b.argmax(-1)).float().mean())  # noqa: E731
+    result = dict(
+        length=length,
+        transformers_full_vs_chunked_top1=agree(full, chunked),
+        transformers_full_vs_chunked_max_abs=float((full - chunked).abs().max()),
+        ours_vs_transformers_full_top1=agree(ours, full),
+        ours_vs_transformers_full_max_abs=float((ours - full).abs().max()),
+        logit_std=float(full.std()),
+    )
+    print(json.dumps(dict(conditioning=result)))
+    del model, gen, cache_ours
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="20b")
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--prompt-lens", default="40,300")
     ap.add_argument("--ref-experts", default="batched_mm", choices=["batched_mm", "eager", "grouped_mm"])
+    ap.add_argument("--embed-std", type=float, default=None, help="rescale token embeddings (well-conditioned model)")
+    ap.add_argument("--conditioning-len", type=int, default=200,
+                    help="also measure, on the standard-init model, how far transformers agrees with itself")
     ap.add_argument("--out", default="gen-check")
     args = ap.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = build_random_model(args.preset, device, dtype, seed=1)
     lens = [int(x) for x in args.prompt_lens.split(",")]
+    conditioning = None
+    if args.conditioning_len:
+        conditioning = conditioning_probe(args.preset, device, dtype, args.conditioning_len, args.ref_experts)
+    model = build_random_model(args.preset, device, dtype, seed=1, embed_std=args.embed_std)
     prompts = [random_prompts(1, n, seed=n)[0] for n in lens]
     max_len = max(lens) + args.new + 8
 
@@ -180,8 +223,8 @@ def main() -> None:
         summary = {k: v for k, v in row.items() if k not in ("ours", "reference")}
         print(json.dumps(summary))
     result = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
-                  ref_experts=args.ref_experts, graph_equals_eager=ours == ours_eager, prompts=report,
-                  layers=diagnostics)
+                  ref_experts=args.ref_experts, embed_std=args.embed_std, graph_equals_eager=ours == ours_eager,
+                  prompts=report, layers=diagnostics, conditioning=conditioning)
     (out_dir / "check.json").write_text(json.dumps(result, indent=1))
     print(f"graph path == eager path: {ours == ours_eager}")
     for row in report:
