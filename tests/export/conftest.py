@@ -70,3 +70,13 @@ def load_float32(path) -> torch.nn.Module:
 def load_f32():
     """The loader above as a fixture (test modules here are not a package, so they cannot import conftest)."""
     return load_float32
+
+
+@pytest.fixture(scope="session")
+def ollama_export(export_base, tmp_path_factory) -> Path:
+    """One Ollama export (model.gguf + Modelfile) shared by the GGUF and Ollama tests: writing the 201k-token
+    vocabulary into a GGUF takes seconds, so it is done once."""
+    from gptoss_train.export import export_model
+
+    return export_model(export_base, out_dir=tmp_path_factory.mktemp("ollama") / "ollama", format="ollama",
+                        progress=False)

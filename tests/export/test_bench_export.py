@@ -16,11 +16,12 @@ def test_bench_export_tiny_cpu(tmp_path, monkeypatch):
     pytest.importorskip("gptoss_train.model.tiny")
     out = tmp_path / "bench.json"
     monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--preset", "tiny", "--device", "cpu", "--work", str(tmp_path),
-                                      "--json", str(out)])
+                                      "--json", str(out), "--formats", "mxfp4"])
     runpy.run_path(str(SCRIPT), run_name="__main__")
     results = json.loads(out.read_text())
-    assert set(results["exports"]) == {"mxfp4", "gguf"}
-    for fmt in ("mxfp4", "gguf"):
+    # (the GGUF path of export_model is timed on the GPU machine; tests/export/test_gguf.py covers it here)
+    assert set(results["exports"]) == {"mxfp4"}
+    for fmt in ("mxfp4",):
         export = results["exports"][fmt]
         assert export["seconds"] > 0 and export["bytes"] > 0
         # every adapter matrix is non-zero, so every expert changes

@@ -6,7 +6,6 @@ import re
 
 import pytest
 
-from gptoss_train.export import export_model
 from gptoss_train.export.gguf import read_gguf_metadata
 from gptoss_train.export.ollama import HARMONY_GO_TEMPLATE, modelfile_text
 
@@ -44,8 +43,8 @@ def test_modelfile_lines():
         modelfile_text("model.gguf", template="{{ .Prompt }}")
 
 
-def test_ollama_export_folder(export_base, tmp_path):
-    out = export_model(export_base, out_dir=tmp_path / "ollama", format="ollama", progress=False)
+def test_ollama_export_folder(ollama_export):
+    out = ollama_export
     assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "model.gguf"]
     assert (out / "Modelfile").read_text().startswith("FROM ./model.gguf\n")
     kv, _ = read_gguf_metadata(out / "model.gguf")
