@@ -196,10 +196,10 @@ class Report:
         self.out_dir, self.flops_per_token, self.matmul_rate = out_dir, flops_per_token, matmul_rate
         self.rows: list[dict] = []
 
-    def add(self, **row):
+    def add(self, flops_per_token: float | None = None, **row):
         if "seconds" in row and "tokens" in row:
             row["tokens_per_s"] = row["tokens"] / row["seconds"]
-            row["useful_tflops"] = row["tokens_per_s"] * self.flops_per_token / 1e12
+            row["useful_tflops"] = row["tokens_per_s"] * (flops_per_token or self.flops_per_token) / 1e12
             row["utilisation"] = row["useful_tflops"] / self.matmul_rate if self.matmul_rate else float("nan")
         self.rows.append(row)
         with open(self.out_dir / "results.jsonl", "a") as f:
@@ -225,10 +225,11 @@ def _free(*objects):
         torch.cuda.empty_cache()
 
 
-def _try_step(report: Report, run: str, model, batch, **kwargs):
+def _try_step(report: Report, run: str, model, batch, flops_per_token: float | None = None, **kwargs):
     try:
         seconds, peak, loss = train_steps(model, batch, **kwargs)
-        report.add(run=run, tokens=batch.numel(), seconds=seconds, peak_gib=peak, loss=loss)
+        report.add(run=run, tokens=batch.numel(), seconds=seconds, peak_gib=peak, loss=loss,
+                   flops_per_token=flops_per_token)
         return True
     except torch.OutOfMemoryError as err:
         report.add(run=run, status=f"out of memory ({str(err).splitlines()[0][:120]})")
@@ -326,6 +327,7 @@ def main(argv=None) -> int:
             for rows in (1, args.batch):
                 big_batch = torch.randint(0, config.vocab_size, (rows, args.seq), device=device)
                 if not _try_step(report, f"{shape} LoRA attn + all experts, {rows} x {args.seq}", big, big_batch,
+                                 flops_per_token=4 * active_params_per_token(gpt_oss_config(shape)),
                                  steps=1, warmup=1):
                     break
         except torch.OutOfMemoryError as err:
