@@ -11,6 +11,9 @@ wrapped module runs. To quantize ``W0 + Δ`` (what will be requantized) and not 
 appended to the parametrization chain *inside* the experts' forward, after PEFT's proxy, and removed on return. Without
 PEFT (full fine-tuning) it is the only parametrization.
 
+MXFP4-resident experts (``load_model(experts="mxfp4")``) already decode base + delta in ``dense_weight``; there the
+fake-quant wraps that method and keeps the module's own (checkpoint) scales.
+
 ``scales_from``: the released base checkpoint. Requantization keeps each block's original scale when the new values
 fit (``keep_scales``), so QAT must round on the same grid; the base's ``_scales`` are read once. Without it the scales
 come from encoding the weights present at :func:`enable_qat` time (identical for canonical blocks).
@@ -98,6 +101,13 @@ def _qat_forward(self, *args, **kwargs):
                 del chain[len(chain) - 1]
 
 
+def _qat_dense_weight(self, name: str) -> torch.Tensor:
+    # MXFP4-resident experts (gptoss_train.model.load.Mxfp4GptOssExperts): dense_weight() returns the decoded base
+    # plus PEFT's delta, i.e. exactly what will be requantized.
+    state = getattr(self, _QAT_ATTR)
+    return state["fake_quants"][name](state["dense_weight"](name))
+
+
 def enable_qat(model: torch.nn.Module, rule: str = "best", *, scales_from=None) -> int:
     """Fake-quantize every expert weight to MXFP4 in the forward pass; returns the number of expert modules.
 
@@ -117,9 +127,12 @@ def enable_qat(model: torch.nn.Module, rule: str = "best", *, scales_from=None) 
     for name, module in modules:
         if hasattr(module, _QAT_ATTR):
             continue
+        resident = callable(getattr(module, "dense_weight", None)) and hasattr(module, "gate_up_proj_scales")
         fake_quants = {}
         for proj in EXPERT_PARAMS:
-            if folder is not None:
+            if resident and folder is None:
+                keep = getattr(module, f"{proj}_scales").detach()  # the checkpoint's own scales, already on hand
+            elif folder is not None:
                 match = _LAYER_RE.search(name)
                 if match is None:
                     raise ValueError(f"cannot tell the layer of expert module {name}")
@@ -129,6 +142,10 @@ def enable_qat(model: torch.nn.Module, rule: str = "best", *, scales_from=None) 
                     weight = getattr(module, proj)
                     keep = mxfp4.encode(weight.detach().transpose(-1, -2), rule=rule)[1].cpu()
             fake_quants[proj] = FakeQuantMXFP4(rule=rule, keep_scales=keep)
+        if resident:
+            setattr(module, _QAT_ATTR, {"dense_weight": module.dense_weight, "fake_quants": fake_quants})
+            module.dense_weight = types.MethodType(_qat_dense_weight, module)
+            continue
         # the instance attribute shadows the class forward (which transformers' experts dispatch decorates)
         setattr(module, _QAT_ATTR, {"forward": module.forward, "fake_quants": fake_quants})
         module.forward = types.MethodType(_qat_forward, module)
@@ -141,7 +158,7 @@ def disable_qat(model: torch.nn.Module) -> int:
     for _, module in model.named_modules():
         state = module.__dict__.pop(_QAT_ATTR, None)
         if state is not None:
-            del module.forward  # back to the class forward
+            del module.__dict__["dense_weight" if "dense_weight" in state else "forward"]  # back to the class method
             restored += 1
     return restored
 

@@ -119,3 +119,28 @@ def test_scales_from_checkpoint_mirror_requantize(small_model, tmp_path):
         "down", base_tensors["model.layers.1.mlp.experts.down_proj_blocks"],
         base_tensors["model.layers.1.mlp.experts.down_proj_scales"], experts.down_proj.detach().transpose(-1, -2))
     assert torch.equal(seen, mxfp4.decode(blocks, scales, dtype=torch.float32, transpose=True))
+
+
+def test_mxfp4_resident_experts_match_dense(tiny_checkpoint):
+    """QAT on MXFP4-resident experts (load_model(experts="mxfp4")) equals QAT on the dense load with the same LoRA."""
+    pytest.importorskip("gptoss_train.model.load")
+    from peft import get_peft_model
+
+    from gptoss_train.model.load import load_model
+    from gptoss_train.model.lora import lora_config
+
+    models = []
+    for experts in ("bf16", "mxfp4"):
+        model = get_peft_model(load_model(tiny_checkpoint, experts=experts, dtype=torch.float32),
+                               lora_config(r=2, attention=False, experts=True))
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, param in sorted(model.named_parameters()):
+                if "lora_" in name:
+                    param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+        enable_qat(model, scales_from=tiny_checkpoint)
+        models.append(model)
+    ids = torch.tensor([[200006, 1000, 2000, 200008, 33]])
+    dense, resident = (m(ids).logits for m in models)
+    torch.testing.assert_close(resident, dense, rtol=0, atol=1e-5)
+    assert disable_qat(models[1]) == 2 and not qat_enabled(models[1])
