@@ -145,7 +145,8 @@ def bench_stock(model, batch: int, prompt_len: int, new_tokens: int) -> dict:
         tn = run(new_tokens)
         row.update(
             decode_tok_s=batch * (new_tokens - 1) / (tn - t1) if tn > t1 else None,
-            step_ms=1000 * (tn - t1) / (new_tokens - 1), ttft_s=t1, prefill_batch_s=t1, total_s=tn, peak_gib=_peak_gib(),
+            step_ms=1000 * (tn - t1) / (new_tokens - 1), ttft_s=t1, prefill_batch_s=t1, total_s=tn,
+            peak_gib=_peak_gib(),
         )
     except torch.OutOfMemoryError as err:
         row.update(error=f"OOM: {str(err).splitlines()[0][:120]}")
@@ -247,7 +248,8 @@ def main() -> None:
     print(json.dumps(env))
     t0 = time.perf_counter()
     model = build_random_model(args.preset, device, dtype)
-    print(f"model built in {time.perf_counter() - t0:.1f}s; {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params")
+    params = sum(p.numel() for p in model.parameters()) / 1e9
+    print(f"model built in {time.perf_counter() - t0:.1f}s; {params:.2f}B params")
     rows = []
 
     max_len = max(lengths) + args.new + 8
@@ -267,15 +269,17 @@ def main() -> None:
         print(f"graph replay only, batch {batch}, kv 1024: {ms} ms")
     if not args.no_profile:
         for batch in (min(batches), max(batches)):
-            extra[f"profile_b{batch}"] = profile_step(gen, batch, 1024 if max_len >= 1024 else gen._length_buckets[0], out_dir)
+            kv_len = 1024 if max_len >= 1024 else gen._length_buckets[0]
+            extra[f"profile_b{batch}"] = profile_step(gen, batch, kv_len, out_dir)
     if args.compiled_batches:
-        # Same generator, element-wise pieces through torch.compile; fresh graphs (the captured ones hold eager kernels).
+        # Same generator, element-wise pieces through torch.compile; fresh graphs (the old ones hold eager kernels).
         try:
             use_compiled_kernels(True)
             gen._graphs.clear()
             t0 = time.perf_counter()
             for batch in [int(b) for b in args.compiled_batches.split(",")]:
-                gen.generate(random_prompts(batch, args.compiled_prompt, 1), max_new_tokens=3, temperature=0, stop_ids=())
+                warm = random_prompts(batch, args.compiled_prompt, 1)
+                gen.generate(warm, max_new_tokens=3, temperature=0, stop_ids=())
             extra["compile_warmup_s"] = time.perf_counter() - t0
             print(f"compile + warm-up: {extra['compile_warmup_s']:.1f}s")
             for batch in [int(b) for b in args.compiled_batches.split(",")]:

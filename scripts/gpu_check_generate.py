@@ -117,8 +117,9 @@ def layer_diagnostics(model, weights, prompt, use_grouped) -> list[dict]:
                 moe_vs_transformers=_rel(mine, captured[i, "mlp_out"].reshape(t, -1)),
             )
             if i in (0, len(weights.layers) - 1):
-                row["moe_vs_fp32_loop"] = _rel(mine[:8], _moe_fp32_loop(weights, layer, m_in[:8]))
-                row["transformers_moe_vs_fp32_loop"] = _rel(captured[i, "mlp_out"].reshape(t, -1)[:8], _moe_fp32_loop(weights, layer, m_in[:8]))
+                loop = _moe_fp32_loop(weights, layer, m_in[:8])
+                row["moe_vs_fp32_loop"] = _rel(mine[:8], loop)
+                row["transformers_moe_vs_fp32_loop"] = _rel(captured[i, "mlp_out"].reshape(t, -1)[:8], loop)
             rows.append(row)
             print(json.dumps(row))
     return rows

@@ -175,7 +175,8 @@ def _dense_expert_weights(experts, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     zero-stride placeholders) are decoded once here. Reading MXFP4 inside the grouped GEMM would cut the bytes a
     decode step reads by ~3x; it is the main remaining gap (docs/fast-generation.md).
     """
-    if getattr(experts, "gate_up_proj_blocks", None) is not None and getattr(experts, "down_proj_blocks", None) is not None:
+    mxfp4 = getattr(experts, "gate_up_proj_blocks", None) is not None
+    if mxfp4 and getattr(experts, "down_proj_blocks", None) is not None:
         from gptoss_train.quant.mxfp4 import decode
 
         gu = decode(experts.gate_up_proj_blocks, experts.gate_up_proj_scales, dtype=dtype, transpose=True)
@@ -583,12 +584,18 @@ def decode_step(
 
 # The small element-wise pieces of a step, looked up at call time so that `use_compiled_kernels` can swap in
 # torch.compile'd versions (fusing ~60 small kernels a layer into a few); plain eager functions by default.
-EAGER_KERNELS = dict(rms_norm=rms_norm, rope=rope, swiglu=swiglu, route=route, combine=combine, sink_softmax=sink_softmax)
+EAGER_KERNELS = dict(
+    rms_norm=rms_norm, rope=rope, swiglu=swiglu, route=route, combine=combine, sink_softmax=sink_softmax
+)
 KERNELS = dict(EAGER_KERNELS)
 
 
 def use_compiled_kernels(enabled: bool) -> None:
-    """Route the element-wise pieces through torch.compile (Inductor/Triton on CUDA). Process-wide switch."""
+    """Route the element-wise pieces through torch.compile (Inductor/Triton on CUDA). Process-wide switch.
+
+    Experimental, off by default: on torch 2.11 (H100) the CUDA-graph capture of a step using these failed with an
+    allocator assert (`use_count > 0`, CUDACachingAllocator) and decoding fell back to eager, slower than the
+    default eager-kernels-in-graphs path (docs/fast-generation.md). Correct on CPU (same greedy tokens)."""
     KERNELS.clear()
     if not enabled:
         KERNELS.update(EAGER_KERNELS)

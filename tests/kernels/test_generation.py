@@ -148,3 +148,25 @@ def test_bad_input_is_rejected_clearly(model):
 def test_fast_generation_not_offered_for_a_cpu_model(model):
     # The eval backend keeps transformers' generate() for models that do not live on a CUDA device.
     assert fast_generation_available(model) is False
+
+
+def test_mxfp4_resident_experts_generate_like_their_decoded_dense_model():
+    from gptoss_train.kernels.moe import attach_mxfp4_experts
+    from gptoss_train.quant.mxfp4 import decode, encode
+
+    dense, packed_model = _tiny_model(seed=4), _tiny_model(seed=4)
+    with torch.no_grad():
+        for dense_layer, packed_layer in zip(dense.model.layers, packed_model.model.layers):
+            packed = {}
+            for name in ("gate_up_proj", "down_proj"):
+                weight = getattr(dense_layer.mlp.experts, name)  # [E, in, out]
+                blocks, scales = encode(weight.detach().transpose(-1, -2).contiguous())  # HF layout [E, out, G, 16]
+                weight.copy_(decode(blocks, scales, dtype=torch.float32, transpose=True))
+                packed[name] = (blocks, scales)
+            attach_mxfp4_experts(packed_layer.mlp.experts, *packed["gate_up_proj"], *packed["down_proj"])
+    prompts = [PROMPTS[0], PROMPTS[2]]
+    ours = FastGenerator(packed_model, max_batch=2, max_seq_len=64).generate(
+        prompts, max_new_tokens=12, temperature=0, stop_ids=()
+    )
+    for prompt, completion in zip(prompts, ours):
+        assert completion == _reference(dense, prompt, 12)
