@@ -89,7 +89,11 @@ def causal_lm_chunked_loss(hidden_states, lm_head_weight, labels, *, num_items_i
 def _forward_with_chunked_loss(model, original_forward, chunk_size, input_ids=None, attention_mask=None,
                                position_ids=None, past_key_values=None, inputs_embeds=None, labels=None,
                                use_cache=None, output_router_logits=None, logits_to_keep=0, **kwargs):
-    if labels is None:  # generation / eval without labels: the model's own forward, logits included
+    # Without labels (generation / eval) the model's own forward, logits included. With TRL's fused LM head
+    # (SFTTrainer passes fused_lm_head=True) TRL already scores in tiles without full logits: let it.
+    if labels is None or kwargs.get("fused_lm_head"):
+        if labels is not None:
+            kwargs["labels"] = labels
         return original_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                 past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                                 output_router_logits=output_router_logits, logits_to_keep=logits_to_keep, **kwargs)

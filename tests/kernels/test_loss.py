@@ -72,3 +72,17 @@ def test_installed_loss_trains_like_reference():
         assert rel_err(grad, ref_grads[name]) < 1e-2, name
     with torch.no_grad():  # without labels the model's own forward (logits) is used
         assert fast(input_ids=ids).logits.shape == (2, 11, 512)
+
+
+def test_trl_fused_lm_head_calls_pass_through():
+    """TRL's SFTTrainer calls model(..., fused_lm_head=True) and reads log_probs: our loss must not intercept it."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = build_tiny_model()
+    ids = torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(5))
+    expected = model(input_ids=ids, labels=ids).loss
+    add_fused_lm_head(model)
+    install_chunked_loss(model)
+    out = model(input_ids=ids, labels=ids, fused_lm_head=True)
+    assert rel_err(-out.log_probs.sum() / 7, expected) < 1e-5  # 7 scored positions (the last has no target)
+    assert rel_err(model(input_ids=ids, labels=ids).loss, expected) < 1e-6  # plain calls use the chunked loss
