@@ -95,3 +95,14 @@ def test_hot_path_decode_equals_codec():
     x = torch.randn(3, 8, 64, generator=torch.Generator().manual_seed(6)) * 3
     blocks, scales = mxfp4.encode(x)
     assert torch.equal(decode_mxfp4_experts(blocks, scales, torch.float32), mxfp4.decode(blocks, scales, dtype=torch.float32))
+
+
+def test_fast_experts_over_model_load_mxfp4(tiny_checkpoint):
+    """The loader's MXFP4-resident experts (model.load, experts="mxfp4") feed the grouped path: same loss and LoRA
+    gradients as the loader's dense-bf16 experts under PEFT."""
+    from gptoss_train.model.load import load_model
+
+    reference = add_lora(load_model(tiny_checkpoint, experts="bf16", dtype=torch.float32))
+    fast = add_lora(load_model(tiny_checkpoint, experts="mxfp4", dtype=torch.float32))
+    assert install_fast_experts(fast) == fast.get_base_model().config.num_hidden_layers
+    _compare_lora_training(reference, fast, _ids(8, shape=(1, 10)))
