@@ -65,9 +65,13 @@ class LoraSection:
     attention_alpha: int | None = None
     experts_r: int | None = None
     experts_alpha: int | None = None
-    # Extra nn.Linear module names to adapt (e.g. lm_head). A random tiny base has no useful vocabulary geometry,
-    # so the CPU quickstart adapts lm_head too; on a real gpt-oss leave this empty.
+    # Extra nn.Linear module names to adapt with LoRA. Not lm_head: TRL computes log-probs from lm_head.weight and
+    # refuses an adapter there; use modules_to_save for it.
     extra_targets: list[str] = field(default_factory=list)
+    # Modules trained in full next to the adapters and saved with them (PEFT modules_to_save). A random tiny base
+    # has no vocabulary geometry (its lm_head gives every token the same tiny logit), so the CPU quickstart trains
+    # lm_head; on a real gpt-oss leave this empty.
+    modules_to_save: list[str] = field(default_factory=list)
     # A config that adapts nothing inside the MoE is refused unless this is set (DESIGN.md §2: silently untrained
     # experts are the most common LoRA mistake on gpt-oss).
     allow_no_moe: bool = False
@@ -282,6 +286,7 @@ def save_config(cfg: SFTConfig, path: str | os.PathLike) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".config.", suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         yaml.safe_dump(config_to_dict(cfg), handle, sort_keys=False)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; these are ordinary output files
     os.replace(tmp, path)
     return path
 

@@ -70,16 +70,24 @@ def build_lora_config(section: LoraSection):
     config = lora_config(r=section.r, alpha=section.alpha, attention=section.attention, experts=section.experts,
                          router=section.router, layers=section.layers)
     rank_pattern, alpha_pattern = dict(config.rank_pattern or {}), dict(config.alpha_pattern or {})
-    # PEFT matches these patterns against module names (attention) and parameter-owner names (experts).
+    # PEFT wraps each pattern as (.*\.)?(PATTERN)$ and matches module names (attention) or module.parameter names
+    # (experts, which are target_parameters).
+    attention_re = r"self_attn\.(?:q|k|v|o)_proj"
+    experts_re = r"mlp\.experts(?:\.(?:gate_up_proj|down_proj))?"
     if section.attention_r is not None:
-        rank_pattern[r"^(?:.*\.)?self_attn\.(?:q|k|v|o)_proj$"] = section.attention_r
+        rank_pattern[attention_re] = section.attention_r
     if section.attention_alpha is not None:
-        alpha_pattern[r"^(?:.*\.)?self_attn\.(?:q|k|v|o)_proj$"] = section.attention_alpha
+        alpha_pattern[attention_re] = section.attention_alpha
     if section.experts_r is not None:
-        rank_pattern[r"^(?:.*\.)?mlp\.experts$"] = section.experts_r
+        rank_pattern[experts_re] = section.experts_r
     if section.experts_alpha is not None:
-        alpha_pattern[r"^(?:.*\.)?mlp\.experts$"] = section.experts_alpha
+        alpha_pattern[experts_re] = section.experts_alpha
     config.rank_pattern, config.alpha_pattern = rank_pattern, alpha_pattern
+    if "lm_head" in section.extra_targets:
+        raise ConfigError("lora.extra_targets: a LoRA on lm_head is never trained by TRL's SFTTrainer (it reads "
+                          "lm_head.weight directly); use lora.modules_to_save: [lm_head] to train the head in full")
+    if section.modules_to_save:
+        config.modules_to_save = list(section.modules_to_save)
     if section.extra_targets:
         targets = config.target_modules
         if isinstance(targets, str):  # a regex: extend it with alternatives
@@ -109,19 +117,30 @@ def _group_of(name: str) -> str:
         return "experts"
     if ".mlp.router" in name:
         return "router"
+    if "lm_head" in name:
+        return "lm_head"
     return "other"
 
 
 def describe_adaptation(model) -> list[AdaptedGroup]:
     """What LoRA adapts, by group: from the trainable lora_A/lora_B tensors actually present in the model."""
     groups: dict[tuple[str, int], dict] = {}
+    config = getattr(model, "config", None)
+    num_experts = getattr(config, "num_local_experts", 1) or 1
     for name, param in model.named_parameters():
-        if not param.requires_grad or ".lora_" not in name:
+        if not param.requires_grad:
             continue
         group = _group_of(name)
+        if ".lora_" not in name:  # modules_to_save: trained in full
+            entry = groups.setdefault((f"{group} (full)", 0), {"layers": set(), "owners": set(), "params": 0})
+            entry["owners"].add(name.rsplit(".", 1)[0])
+            entry["params"] += param.numel()
+            continue
         layer_match = _LAYER.search(name)
         owner = name.split(".lora_")[0]
         rank = param.shape[0] if ".lora_A" in name else param.shape[-1]
+        if group == "experts":  # PEFT stacks one rank-r factor per expert: (r * E, in) and (out, r * E)
+            rank //= num_experts
         entry = groups.setdefault((group, rank), {"layers": set(), "owners": set(), "params": 0})
         if layer_match:
             entry["layers"].add(int(layer_match.group(1)))

@@ -31,11 +31,36 @@ STAGING = ".staging"
 IGNORE_INDEX = -100
 
 
-def trained_token_loss(model, inputs: dict, num_items_in_batch=None, *, use_model_loss: bool = False):
-    """Sum of next-token cross-entropy over trained positions / number of trained tokens (or num_items_in_batch).
+class _TrainedRowsOnly:
+    """While active, the output head sees only the hidden states of the selected positions ([1, N, hidden]).
 
-    ``use_model_loss``: let the model compute it from ``labels`` (the fast path's chunked loss); otherwise only the
-    positions whose next token is trained in some row go through ``lm_head``.
+    A forward pre-hook on the model's output-embedding module (lm_head, or PEFT's wrapper around it), so it works
+    through PEFT and accelerate wrappers without re-implementing the model's forward.
+    """
+
+    def __init__(self, model, select):
+        self.head = model.get_output_embeddings()
+        self.select = select
+        self.handle = None
+
+    def _hook(self, module, args):
+        hidden = args[0]
+        return (hidden[self.select].unsqueeze(0),) + tuple(args[1:])
+
+    def __enter__(self):
+        self.handle = self.head.register_forward_pre_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def trained_token_loss(model, inputs: dict, num_items_in_batch=None, *, use_model_loss: bool = False):
+    """Sum of next-token cross-entropy over trained tokens / number of trained tokens (or num_items_in_batch).
+
+    ``use_model_loss``: let the model compute it from ``labels`` (the fast path's chunked loss). Otherwise
+    ``lm_head`` runs only on the positions whose next token is trained (the builder's loss mask, as labels).
+    Returns (loss, number of trained tokens in this batch).
     """
     labels = inputs["labels"]
     model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
@@ -45,15 +70,15 @@ def trained_token_loss(model, inputs: dict, num_items_in_batch=None, *, use_mode
     if use_model_loss:
         out = model(**model_inputs, labels=labels, use_cache=False, num_items_in_batch=denominator)
         return out.loss, count
-    keep = (shifted != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
-    if keep.numel() == 0:  # nothing trained in this batch: a zero that still touches the graph
-        out = model(**model_inputs, use_cache=False, logits_to_keep=1)
-        return out.logits.sum() * 0.0, count
-    out = model(**model_inputs, use_cache=False, logits_to_keep=keep)
-    logits = out.logits.float()
-    targets = shifted[:, keep]
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                             ignore_index=IGNORE_INDEX, reduction="sum")
+    select = torch.zeros_like(labels, dtype=torch.bool)
+    select[:, :-1] = shifted != IGNORE_INDEX
+    with _TrainedRowsOnly(model, select):
+        out = model(**model_inputs, use_cache=False, logits_to_keep=0)
+    logits = out.logits[0].float()  # [N, vocab], in row-major order of the selected positions
+    targets = shifted[shifted != IGNORE_INDEX]
+    if targets.numel() == 0:  # nothing trained in this batch: a zero that still touches the graph
+        return logits.sum() * 0.0, count
+    loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
     return loss / torch.as_tensor(denominator, device=loss.device, dtype=loss.dtype), count
 
 
@@ -107,7 +132,10 @@ def _sft_trainer_class():
                 if target.exists():
                     shutil.rmtree(target)
                 os.replace(staging_root / name, target)  # the atomic step: the folder appears complete or not at all
-                self._rotate_checkpoints(use_mtime=False, output_dir=str(final_root))
+                from transformers.trainer_utils import rotate_checkpoints
+
+                rotate_checkpoints(output_dir=str(final_root), save_total_limit=self.args.save_total_limit,
+                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
             self.accelerator.wait_for_everyone()
 
     return GptOssSFTTrainer
