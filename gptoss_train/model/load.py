@@ -60,7 +60,8 @@ class Mxfp4GptOssExperts(nn.Module):
         self.intermediate_size = config.intermediate_size
         self.num_experts = config.num_local_experts
         self.hidden_size = config.hidden_size
-        self.alpha = config.swiglu_alpha
+        # transformers < 5.2x has no config.swiglu_alpha; 1.702 is hard-coded in every gpt-oss implementation.
+        self.alpha = getattr(config, "swiglu_alpha", 1.702)
         self.limit = config.swiglu_limit
         # what transformers' use_experts_implementation decorator sets (PEFT reads is_transposed)
         self.has_gate, self.has_bias, self.has_post_expert_norm = True, True, False
