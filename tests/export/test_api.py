@@ -127,6 +127,16 @@ def test_merged_folder_as_model_gives_same_export(export_base, tuned_model, tmp_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_mxfp4_folder_as_model_decodes_its_experts(export_base, tuned_model, tmp_path):
+    """--model may itself be an MXFP4 folder (e.g. a previous export): its experts are decoded and compared."""
+    first = export_model(export_base, model=tuned_model, out_dir=tmp_path / "first", format="mxfp4", progress=False)
+    again = export_model(export_base, model=first, out_dir=tmp_path / "again", format="mxfp4", progress=False)
+    a, b = _tensors(first), _tensors(again)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # requantizing already-quantized values is a fixed point
+    report = json.loads((again / "requantize_report.json").read_text())
+    assert report["summary"]["experts_changed"] == 1  # the tuned expert differs from the base, the rest do not
+
+
 def test_transformers_save_bug_folder_is_refused(export_base, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()

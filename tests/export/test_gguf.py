@@ -152,7 +152,6 @@ def _greedy_torch(model, ids, steps):
 
 @llamacpp
 @pytest.mark.llamacpp
-@pytest.mark.slow  # ~10-20 s on 2 cores: an f32 GGUF of the 201k vocab, plus llama.cpp and transformers loads
 def test_f32_gguf_matches_transformers_exactly(export_base, tmp_path, harmony_encoding, load_f32):
     """With dequantized f32 experts llama.cpp computes the same function as transformers (layout proof)."""
     from transformers import AutoConfig, AutoModelForCausalLM
