@@ -20,6 +20,15 @@ from rich.console import Console
 
 console = Console(stderr=True)
 
+EXAMPLES = """Examples:
+
+* `gptoss-export --base runs/tiny-base --format mxfp4 --out exports/tiny-mxfp4`
+* `gptoss-export --base openai/gpt-oss-20b --adapter runs/lora/adapter --format ollama --out exports/ft-ollama`
+* `gptoss-export --base openai/gpt-oss-20b --model runs/full-ft --format bf16 --out exports/ft-bf16`
+* `gptoss-export validate exports/tiny-mxfp4` (check a folder against vLLM's loader)
+
+See docs/export.md."""
+
 
 class Format(str, Enum):
     mxfp4 = "mxfp4"
@@ -103,8 +112,8 @@ def main(argv: list[str] | None = None) -> None:
         app.command()(validate_command)
         app(args[1:], prog_name="gptoss-export validate")
     else:
-        app = typer.Typer(add_completion=False, help=__doc__)
-        app.command()(export_command)
+        app = typer.Typer(add_completion=False, rich_markup_mode="markdown")
+        app.command(epilog=EXAMPLES)(export_command)
         app(args, prog_name="gptoss-export")
 
 
