@@ -219,7 +219,7 @@ def export_model(
                     raise ExportError("the export failed layout validation:\n  " + "\n  ".join(problems))
                 result_in_staged = staged
             else:
-                from gptoss_train.export.gguf import write_gguf
+                from gptoss_train.export.gguf import validate_gguf, write_gguf
 
                 tokenizer_dir = staged / "tokenizer"
                 copy_serving_files(base_dir, tokenizer_dir)
@@ -227,6 +227,9 @@ def export_model(
                 gguf_path = staged / gguf_name
                 write_gguf(gguf_path, groups, base_config, tokenizer_dir, expert_dtype=gguf_dtype,
                            name=base_config.get("_name_or_path") or base_dir.name)
+                problems = validate_gguf(gguf_path, base_config)
+                if problems:
+                    raise ExportError("the GGUF failed validation:\n  " + "\n  ".join(problems))
                 shutil.rmtree(tokenizer_dir)
                 if report.tensors:
                     report.write_json(staged / REPORT_NAME)

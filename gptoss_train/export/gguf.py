@@ -334,3 +334,48 @@ def read_gguf_metadata(path) -> tuple[dict, dict[str, dict]]:
 def read_gguf_tensor_bytes(path, info: dict) -> np.ndarray:
     """The raw bytes of one tensor (uint8), from an info returned by :func:`read_gguf_metadata`."""
     return np.fromfile(path, dtype=np.uint8, count=info["nbytes"], offset=info["offset"])
+
+
+def validate_gguf(path, config: Mapping) -> list[str]:
+    """Problems with a gpt-oss GGUF that llama.cpp would refuse or mis-run; empty when every tensor it loads is there.
+
+    Reads the header only (names, ggml types, shapes in ne order) and checks them against ``config`` as llama.cpp's
+    ``load_arch_tensors`` for gpt-oss expects them (formats.md §4.2).
+    """
+    import gguf
+
+    kv, tensors = read_gguf_metadata(path)
+    problems = []
+    if kv.get("general.architecture") != ARCH:
+        problems.append(f"general.architecture is {kv.get('general.architecture')!r}, expected {ARCH!r}")
+    H, I, E = config["hidden_size"], config["intermediate_size"], config["num_local_experts"]
+    heads, kv_heads, head_dim, vocab = (config["num_attention_heads"], config["num_key_value_heads"],
+                                        config["head_dim"], config["vocab_size"])
+    expected = {"token_embd.weight": [H, vocab], "output_norm.weight": [H], "output.weight": [H, vocab]}
+    for n in range(config["num_hidden_layers"]):
+        b = f"blk.{n}."
+        expected.update({
+            b + "attn_norm.weight": [H], b + "post_attention_norm.weight": [H],
+            b + "attn_q.weight": [H, heads * head_dim], b + "attn_q.bias": [heads * head_dim],
+            b + "attn_k.weight": [H, kv_heads * head_dim], b + "attn_k.bias": [kv_heads * head_dim],
+            b + "attn_v.weight": [H, kv_heads * head_dim], b + "attn_v.bias": [kv_heads * head_dim],
+            b + "attn_output.weight": [heads * head_dim, H], b + "attn_output.bias": [H],
+            b + "attn_sinks.weight": [heads], b + "ffn_gate_inp.weight": [H, E], b + "ffn_gate_inp.bias": [E],
+            b + "ffn_gate_exps.weight": [H, I, E], b + "ffn_up_exps.weight": [H, I, E],
+            b + "ffn_down_exps.weight": [I, H, E], b + "ffn_gate_exps.bias": [I, E], b + "ffn_up_exps.bias": [I, E],
+            b + "ffn_down_exps.bias": [H, E],
+        })
+    for name, shape in expected.items():
+        info = tensors.get(name)
+        if info is None:
+            problems.append(f"missing tensor {name}")
+        elif info["shape"] != shape:
+            problems.append(f"{name}: ne {info['shape']}, expected {shape}")
+        elif name.endswith(_F32_SUFFIXES) and info["type"] != gguf.GGMLQuantizationType.F32:
+            problems.append(f"{name}: ggml type {info['type']}, expected F32")
+    for name in sorted(set(tensors) - set(expected)):
+        problems.append(f"unexpected tensor {name}")
+    if len(kv.get("tokenizer.ggml.tokens", [])) != vocab:
+        problems.append(f"tokenizer.ggml.tokens has {len(kv.get('tokenizer.ggml.tokens', []))} entries, "
+                        f"expected vocab_size {vocab}")
+    return problems

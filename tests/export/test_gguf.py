@@ -186,3 +186,16 @@ def test_mxfp4_gguf_matches_our_model(gguf_file, export_base, harmony_encoding, 
         assert float(diff.median()) < 0.05 * scale and float(diff.mean()) < 0.05 * scale, (diff.median(), scale)
         assert float((theirs.argmax(-1) == ours.argmax(-1)).float().mean()) >= 0.9
         assert _greedy_llama(llm, ids, 8) == _greedy_torch(model, ids, 8)
+
+
+def test_gguf_validator_names_missing_and_misshapen_tensors(gguf_file, export_base, tmp_path):
+    import json
+
+    from gptoss_train.export.gguf import validate_gguf
+
+    config = json.loads((export_base / "config.json").read_text())
+    assert validate_gguf(gguf_file, config) == []
+    wrong = dict(config, num_local_experts=config["num_local_experts"] * 2, num_hidden_layers=3)
+    problems = validate_gguf(gguf_file, wrong)
+    assert "missing tensor blk.2.ffn_gate_exps.weight" in problems
+    assert any(p.startswith("blk.0.ffn_down_exps.weight: ne") for p in problems)
