@@ -60,6 +60,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_export"))
     parser.add_argument("--formats", nargs="+", default=["mxfp4", "gguf"], choices=["mxfp4", "bf16", "gguf"])
+    parser.add_argument("--layers", type=int, default=None, help="num_hidden_layers override (quick real-width runs)")
+    parser.add_argument("--experts", type=int, default=None, help="num_local_experts override")
     parser.add_argument("--json", type=Path, default=None, help="write the timings here as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the exports (they are deleted by default)")
     args = parser.parse_args()
@@ -68,14 +70,22 @@ def main() -> None:
     from gptoss_train.model.tiny import build_checkpoint
 
     args.work.mkdir(parents=True, exist_ok=True)
-    base = args.work / f"base-{args.preset}"
+    overrides = {}
+    if args.layers:
+        overrides["num_hidden_layers"] = args.layers
+    if args.experts:
+        overrides["num_local_experts"] = args.experts
+        overrides["num_experts_per_tok"] = min(4, args.experts)
+    suffix = "".join(f"-{k.split('_')[1]}{v}" for k, v in overrides.items() if k != "num_experts_per_tok")
+    base = args.work / f"base-{args.preset}{suffix}"
     started = time.perf_counter()
     if not (base / "config.json").is_file():
-        build_checkpoint(base, preset=args.preset, seed=0)
+        build_checkpoint(base, preset=args.preset, seed=0, **overrides)
     build_seconds = time.perf_counter() - started
     adapter = write_random_adapter(base, args.work / "adapter")
     results = {
         "preset": args.preset,
+        "overrides": overrides,
         "device": args.device,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "cpu": platform.processor() or platform.machine(),
