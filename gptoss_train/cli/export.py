@@ -70,6 +70,7 @@ def export_command(
 ) -> None:
     """Export BASE (+ --adapter or --model) to --format at --out. Runs the vLLM layout validator on HF folders."""
     from gptoss_train.export import ExportError, export_model
+    from gptoss_train.model.checkpoint import CheckpointError
 
     def show(requant_report):
         if report:
@@ -83,7 +84,7 @@ def export_command(
             base, adapter=adapter, model=model, out_dir=out, format=format.value, force=force,
             rule=rule.value, gguf_dtype=gguf_dtype.value, device=device, on_report=show,
         )
-    except (ExportError, FileNotFoundError, ValueError, KeyError) as error:
+    except (ExportError, CheckpointError, FileNotFoundError, ValueError, KeyError) as error:
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(code=2) from error
     console.print(f"[green]wrote[/green] {path}")

@@ -60,7 +60,11 @@ class ExportError(RuntimeError):
 
 
 def resolve_checkpoint(path_or_id: str | os.PathLike) -> Path:
-    """A local folder as is; otherwise a hub id downloaded (config, safetensors, tokenizer files only)."""
+    """A local folder as is; otherwise a hub id downloaded (config, safetensors, tokenizer files only).
+
+    Not ``model.checkpoint.resolve_checkpoint``: an export reads only the HF layout, so ``original/`` and ``metal/``
+    (another 13 GB each for 20b) are not downloaded.
+    """
     path = Path(path_or_id)
     if path.is_dir():
         return path

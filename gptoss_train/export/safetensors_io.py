@@ -22,8 +22,8 @@ SINGLE_NAME = "model.safetensors"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 
-class CheckpointError(ValueError):
-    """A checkpoint folder is missing files or its index is inconsistent."""
+# One error type for bad checkpoints across the package (model.checkpoint defines it).
+from gptoss_train.model.checkpoint import CheckpointError  # noqa: E402
 
 
 class SafetensorsFolder:

@@ -49,3 +49,11 @@ def test_help_lists_formats(capsys):
     assert code == 0
     for word in ("mxfp4", "bf16", "gguf", "ollama", "--adapter", "--force"):
         assert word in text
+
+
+def test_broken_model_folder_is_a_clear_error(export_base, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{}")  # a config but no weights
+    code, text = _run(["--base", str(export_base), "--model", str(bad), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "no model.safetensors" in text and not (tmp_path / "o").exists()
