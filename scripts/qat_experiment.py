@@ -156,17 +156,28 @@ def run(seed: int, args) -> dict:
 
     results = {"seed": seed, "task_a_dense": dense_a, "released": {"task_b": released_b, "task_a": released_a}}
 
-    for mode in ("plain", "qat"):
-        tuned = lora_model(base, args.rank)
-        if mode == "qat":
-            import tempfile
+    import tempfile
 
-            from safetensors.torch import save_file
+    from safetensors.torch import save_file
 
-            with tempfile.TemporaryDirectory() as folder:
-                save_file({f"{k}_scales": v for k, v in scales.items()}, f"{folder}/model.safetensors")
-                enable_qat(tuned, scales_from=folder)
-        train(tuned, task_b, args.steps_b, args.lr_b, seed + 1, log_every=args.log_every, label=f"task B {mode}")
+    scales_dir = tempfile.TemporaryDirectory()
+    save_file({f"{k}_scales": v for k, v in scales.items()}, f"{scales_dir.name}/model.safetensors")
+    modes = ["plain", "qat"] + (["sft_then_qat"] if args.qat_after_steps else [])
+    trained_plain = None
+    for mode in modes:
+        if mode == "sft_then_qat":
+            # ModelOpt's order: fine-tune in high precision first, then a short QAT phase from there
+            tuned = copy.deepcopy(trained_plain)
+            enable_qat(tuned, scales_from=scales_dir.name)
+            train(tuned, task_b, args.qat_after_steps, args.lr_b, seed + 2, log_every=args.log_every,
+                  label="task B QAT after SFT")
+        else:
+            tuned = lora_model(base, args.rank)
+            if mode == "qat":
+                enable_qat(tuned, scales_from=scales_dir.name)
+            train(tuned, task_b, args.steps_b, args.lr_b, seed + 1, log_every=args.log_every, label=f"task B {mode}")
+        if mode == "plain":
+            trained_plain = copy.deepcopy(tuned)
         if mode == "qat":
             # sanity: what QAT trained against must be what requantization ships
             results["qat_forward_task_b"] = accuracy(tuned, task_b, in_b)
@@ -194,6 +205,7 @@ def run(seed: int, args) -> dict:
             "delta_rel_norm": sum(t.delta_rel_norm for t in report.tensors) / len(report.tensors),
             "blocks_changed_fraction": summary["blocks_changed_fraction"],
         }
+    scales_dir.cleanup()
     results["seconds"] = time.time() - started
     return results
 
@@ -227,6 +239,13 @@ def markdown(all_results: list[dict], args) -> str:
         f"| LoRA + QAT, merged, requantized MXFP4 | {cell(('qat_requantized', 'task_b'))} | "
         f"{cell(('qat_requantized', 'task_a'))} | {cell(('qat_requantized', 'delta_cosine'), '{:.2f}')} | "
         f"{cell(('qat_requantized', 'delta_norm_ratio'), '{:.2f}')} |",
+    ]
+    if "sft_then_qat_requantized" in all_results[0]:
+        key = "sft_then_qat_requantized"
+        lines.append(f"| LoRA, then QAT +{args.qat_after_steps} steps, merged, requantized MXFP4 | "
+                     f"{cell((key, 'task_b'))} | {cell((key, 'task_a'))} | "
+                     f"{cell((key, 'delta_cosine'), '{:.2f}')} | {cell((key, 'delta_norm_ratio'), '{:.2f}')} |")
+    lines += [
         "",
         f"LoRA delta size |Δ|/|W0| (plain): {cell(('plain_requantized', 'delta_rel_norm'), '{:.4f}')}; "
         f"blocks changed by requantization: plain {cell(('plain_requantized', 'blocks_changed_fraction'))}, "
@@ -243,6 +262,8 @@ def main() -> None:
     parser.add_argument("--steps-b", type=int, default=150)
     parser.add_argument("--lr-b", type=float, default=1e-3)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--qat-after-steps", type=int, default=50,
+                        help="also run QAT for this many steps starting from the bf16 LoRA (0: skip)")
     parser.add_argument("--log-every", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/qat_experiment"))
     args = parser.parse_args()

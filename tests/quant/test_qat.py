@@ -144,3 +144,22 @@ def test_mxfp4_resident_experts_match_dense(tiny_checkpoint):
     dense, resident = (m(ids).logits for m in models)
     torch.testing.assert_close(resident, dense, rtol=0, atol=1e-5)
     assert disable_qat(models[1]) == 2 and not qat_enabled(models[1])
+
+
+def test_qat_experiment_script_smoke(tmp_path, monkeypatch):
+    """scripts/qat_experiment.py runs end to end (a few steps) and writes its table; the real run is in docs/qat.md."""
+    import json
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "qat_experiment.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--seeds", "0", "--steps-a", "3", "--steps-b", "2",
+                                      "--qat-after-steps", "1", "--out", str(tmp_path)])
+    runpy.run_path(str(script), run_name="__main__")
+    table = (tmp_path / "table.md").read_text()
+    for row in ("released base", "bf16 experts", "requantized MXFP4", "LoRA + QAT", "then QAT +1 steps"):
+        assert row in table
+    result = json.loads((tmp_path / "results.json").read_text())["results"][0]
+    # QAT trained against exactly what requantization ships
+    assert result["qat_forward_task_b"] == result["qat_requantized"]["task_b"]
