@@ -64,11 +64,11 @@ class FolderWeights:
     def __init__(self, folder):
         self.folder = SafetensorsFolder(folder)
         for name in self.folder.keys():
-            if name.endswith("_blocks") and self.folder.get(name).dtype != torch.uint8:
+            if name.endswith("_blocks") and self.folder.dtype_of(name) != "U8":
                 # transformers 5.23 writes dequantized floats under *_blocks after an MXFP4 load (cpu-gotchas #13);
                 # loading such a folder anywhere re-initialises the experts at random.
                 raise CheckpointError(
-                    f"{self.folder.folder}: {name} holds {self.folder.get(name).dtype} values under an MXFP4 name. "
+                    f"{self.folder.folder}: {name} holds {self.folder.dtype_of(name)} values under an MXFP4 name. "
                     "This is transformers' save bug after a dequantized MXFP4 load: the experts in this folder are "
                     "not usable. Export from the adapter instead (--adapter), or re-save with "
                     "model._weight_conversions = None."

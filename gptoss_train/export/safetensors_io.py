@@ -67,6 +67,10 @@ class SafetensorsFolder:
             raise KeyError(f"{self.folder}: no tensor named {name}") from None
         return self._handle(shard).get_tensor(name)
 
+    def dtype_of(self, name: str) -> str:
+        """The stored dtype as safetensors names it ("U8", "BF16", ...), read from the header only."""
+        return self._handle(self.weight_map[name]).get_slice(name).get_dtype()
+
     def shard_of(self, name: str) -> str:
         return self.weight_map[name]
 
