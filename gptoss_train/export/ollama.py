@@ -5,8 +5,11 @@ parser on only when the model family is gpt-oss **and** the TEMPLATE contains bo
 (``server/routes.go shouldUseHarmony``, formats.md §5.2). Without it, raw Harmony text (``<|channel|>analysis...``)
 leaks into the reply. The template below renders the Harmony format: a system message with the reasoning level
 (from Ollama's ``think`` setting), a developer message with instructions and function tools in Harmony's TypeScript-ish
-namespace, then the conversation (assistant thinking on the analysis channel, tool calls on commentary to
-``functions.NAME``, tool results from ``functions.NAME``), ending with ``<|start|>assistant`` for generation.
+namespace (typed parameters from the tool's JSON schema properties), then the conversation (assistant thinking on the
+analysis channel, tool calls on commentary to ``functions.NAME`` with ``<|constrain|>json`` as openai-harmony renders
+them, tool results from ``functions.NAME``), ending with ``<|start|>assistant`` for generation. Ollama's template
+values used: ``.System``, ``.Tools``, ``.Messages`` (``Role``, ``Content``, ``Thinking``, ``ToolCalls``, ``ToolName``),
+``.Think``, ``.ThinkLevel``, ``.IsThinkSet`` and the ``currentDate`` function.
 It references ``.Tools`` so Ollama grants the model the tools capability.
 """
 
@@ -43,7 +46,18 @@ namespace functions {
 {{- range .Tools }}
 
 // {{ .Function.Description }}
-type {{ .Function.Name }} = (_: {{ .Function.Parameters }}) => any;
+{{- if .Function.Parameters.Properties }}
+type {{ .Function.Name }} = (_: {
+{{- range $name, $prop := .Function.Parameters.Properties }}
+{{- if $prop.Description }}
+// {{ $prop.Description }}
+{{- end }}
+{{ $name }}: {{ range $t, $type := $prop.Type }}{{ if $t }} | {{ end }}{{ $type }}{{ end }},
+{{- end }}
+}) => any;
+{{- else }}
+type {{ .Function.Name }} = () => any;
+{{- end }}
 {{- end }}
 
 } // namespace functions
@@ -56,7 +70,7 @@ type {{ .Function.Name }} = (_: {{ .Function.Parameters }}) => any;
 {{- if and $last $msg.Thinking }}<|start|>assistant<|channel|>analysis<|message|>{{ $msg.Thinking }}<|end|>
 {{- end }}
 {{- if $msg.ToolCalls }}
-{{- range $msg.ToolCalls }}<|start|>assistant to=functions.{{ .Function.Name }}<|channel|>commentary json<|message|>{{ .Function.Arguments }}<|call|>
+{{- range $msg.ToolCalls }}<|start|>assistant to=functions.{{ .Function.Name }}<|channel|>commentary <|constrain|>json<|message|>{{ .Function.Arguments }}<|call|>
 {{- end }}
 {{- else if $msg.Content }}<|start|>assistant<|channel|>final<|message|>{{ $msg.Content }}<|end|>
 {{- end }}
