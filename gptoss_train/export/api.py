@@ -221,7 +221,6 @@ def export_model(
                 problems = validate_vllm_layout(staged)
                 if problems:
                     raise ExportError("the export failed layout validation:\n  " + "\n  ".join(problems))
-                result_in_staged = staged
             else:
                 from gptoss_train.export.gguf import validate_gguf, write_gguf
 
@@ -241,18 +240,17 @@ def export_model(
                     from gptoss_train.export.ollama import modelfile_text
 
                     (staged / "Modelfile").write_text(modelfile_text(gguf_name))
-                result_in_staged = staged
         _make_readable(staged)
         if on_report is not None and report.tensors:
             on_report(report)
         if format == "gguf" and out.suffix == ".gguf":
             # A single file: move the .gguf itself into place; its report lands beside it.
-            _move_into_place(result_in_staged / out.name, out, force)
-            if (result_in_staged / REPORT_NAME).is_file():
-                os.replace(result_in_staged / REPORT_NAME, out.with_suffix(".requantize_report.json"))
+            _move_into_place(staged / out.name, out, force)
+            if (staged / REPORT_NAME).is_file():
+                os.replace(staged / REPORT_NAME, out.with_suffix(".requantize_report.json"))
             shutil.rmtree(staged, ignore_errors=True)
             return out
-        _move_into_place(result_in_staged, out, force)
+        _move_into_place(staged, out, force)
         return out
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
