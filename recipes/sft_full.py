@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     final = trainer_setup.save_final(trainer, cfg, full=True)
     if trainer.is_world_process_zero():
-        print(f"trained {result.global_step} steps in {seconds:.1f} s; final loss {result.training_loss:.4f}")
+        print(trainer_setup.run_summary(trainer, result, seconds))
         print(f"model: {final}")
         print(f"loss curve: {cfg.train.output_dir}/loss.csv")
     return 0

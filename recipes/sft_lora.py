@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - started
     final = trainer_setup.save_final(trainer, cfg, full=False)
     if trainer.is_world_process_zero():
-        print(f"trained {result.global_step} steps in {seconds:.1f} s; final loss {result.training_loss:.4f}")
+        print(trainer_setup.run_summary(trainer, result, seconds))
         print(f"adapter: {final}")
         print(f"loss curve: {cfg.train.output_dir}/loss.csv")
     if cfg.train.merge and trainer.is_world_process_zero():

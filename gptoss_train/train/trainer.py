@@ -292,3 +292,13 @@ def save_merged(cfg: SFTConfig, adapter_dir: Path) -> Path:
         shutil.rmtree(out)
     os.replace(staging, out)
     return out
+
+
+def run_summary(trainer, result, seconds: float) -> str:
+    """One line for logs and benchmarks: steps, time, tokens/s (non-pad tokens, all ranks), peak GPU memory."""
+    tokens = trainer.tokens_seen * trainer.accelerator.num_processes  # every rank sees its own batches
+    line = (f"trained {result.global_step} steps in {seconds:.1f} s; final loss {result.training_loss:.4f}; "
+            f"{tokens / max(seconds, 1e-9):,.0f} tokens/s")
+    if torch.cuda.is_available():
+        line += f"; peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB (rank 0)"
+    return line

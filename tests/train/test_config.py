@@ -51,6 +51,7 @@ def test_types_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="lora.attention: expected true/false"):
         load_config(_write(tmp_path, {"lora": {"attention": "yes please"}}))
     assert load_config(None, ["train.lr=1"]).train.lr == 1.0  # int widens to float
+    assert load_config(None, ["train.lr=3e-3"]).train.lr == 3e-3  # YAML 1.1 reads this as a string
 
 
 def test_saved_config_round_trips(tmp_path):
