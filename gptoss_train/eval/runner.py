@@ -170,6 +170,8 @@ def run_suite(suite: str | Suite, *, model: str | Backend, out_dir: str | Path |
             (Path(out_dir) / CACHE_FILE).unlink()  # --no-resume: start over
         cache = SampleCache(Path(out_dir) / CACHE_FILE)
 
+    # Backends passed as suite options (judge, user model) enter the cache key by identity, not by memory address.
+    stable_options = {k: v.describe() if isinstance(v, Backend) else v for k, v in suite_options.items()}
     warnings: list[str] = []
     per_effort: dict[str, dict] = {}
     records: list[dict] = []
@@ -195,7 +197,7 @@ def run_suite(suite: str | Suite, *, model: str | Backend, out_dir: str | Path |
                 run_options = {**suite_options, **generation}
                 keys = {
                     s.id: cache_key(suite=suite_obj.name, sample=s.id, sample_hash=_sample_hash(s), model=identity,
-                                    generation=generation, suite_options=suite_options)
+                                    generation=generation, suite_options=stable_options)
                     for s in samples
                 }
                 done: dict[str, dict] = {}

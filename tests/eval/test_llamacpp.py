@@ -7,7 +7,7 @@ pytest.importorskip("llama_cpp")
 from gptoss_train.eval.backends import load_backend  # noqa: E402
 from gptoss_train.eval.core import GenerationRequest  # noqa: E402
 
-pytestmark = pytest.mark.llamacpp
+pytestmark = [pytest.mark.llamacpp, pytest.mark.slow]  # GGUF export + llama.cpp load: ~15-25 s on 2 cores
 
 
 def test_gguf_greedy_agrees_with_transformers(tiny_checkpoint, tiny_local_backend, tmp_path):

@@ -129,3 +129,17 @@ def test_suite_run_through_server_with_concurrency(tmp_path):
     assert results["model"]["backend"] == "openai"
     rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert all(row["details"]["prompt_hash"] and row["details"]["output"] for row in rows)
+
+
+def test_unreachable_server_fails_fast_with_a_clear_message():
+    import socket
+    import time
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    backend = OpenAIBackend(f"http://127.0.0.1:{port}/v1", backoff=5.0)
+    started = time.perf_counter()
+    with pytest.raises(OpenAIBackendError, match="is the server running"):
+        backend.generate(REQUEST)
+    assert time.perf_counter() - started < 2.0  # no backoff rounds before the first contact

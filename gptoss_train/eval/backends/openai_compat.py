@@ -76,6 +76,7 @@ class OpenAIBackend(Backend):
         self.backoff = float(backoff)
         self.prompt_format = prompt_format
         self._served_model = served_model
+        self._reached = False  # set once the server has answered anything (even an error)
         self._lock = threading.Lock()
         self.calls = 0  # HTTP requests sent (retries included): tests and reports read it
 
@@ -106,8 +107,10 @@ class OpenAIBackend(Backend):
             self.calls += 1
         try:
             with urllib.request.urlopen(http_request, timeout=self.timeout) as response:
+                self._reached = True
                 return json.loads(response.read().decode())
         except urllib.error.HTTPError as exc:
+            self._reached = True
             detail = exc.read().decode(errors="replace")[:500]
             if exc.code in _RETRYABLE_STATUS:
                 retry_after = exc.headers.get("Retry-After") if exc.headers else None
@@ -118,6 +121,13 @@ class OpenAIBackend(Backend):
         except urllib.error.URLError as exc:
             if isinstance(exc.reason, (socket.timeout, TimeoutError)):
                 raise _Retryable(f"timed out after {self.timeout:.0f}s") from exc
+            if not self._reached:
+                # Never answered at all: a wrong URL or a server that is not running. Retrying every sample with
+                # backoff would only hide that for minutes.
+                raise OpenAIBackendError(
+                    f"cannot reach {self.base_url} ({exc.reason}): is the server running, and is the URL right "
+                    "(e.g. http://localhost:8000/v1)?"
+                ) from exc
             raise _Retryable(f"cannot reach server: {exc.reason}") from exc
         except (ConnectionError, json.JSONDecodeError) as exc:
             raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
@@ -129,7 +139,7 @@ class OpenAIBackend(Backend):
             try:
                 listing = self._request("GET", "/models")
                 self._served_model = listing["data"][0]["id"]
-            except Exception:  # servers without /models accept any name
+            except (_HTTPStatusError, _Retryable, KeyError, IndexError, TypeError):  # no /models: any name goes
                 self._served_model = "default"
         return self._served_model
 
