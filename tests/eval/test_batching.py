@@ -1,6 +1,7 @@
 """Multi-turn suites on a batching backend: concurrent sample threads' turns are sent as batches."""
 
 import threading
+import time
 
 from gptoss_train.eval import run_suite
 from gptoss_train.eval.backends.oracle import canned_turn
@@ -21,6 +22,7 @@ class RecordingBatchBackend(Backend):
     def generate_batch(self, requests):
         with self._lock:
             self.batches.append(len(requests))
+        time.sleep(0.02)  # generation takes time: the other threads' turns queue up meanwhile
         return [canned_turn(final=f"{r.sample_id}:{len(r.messages)}") for r in requests]
 
     def generate(self, request):
