@@ -41,11 +41,11 @@ case "$mode" in
     STEPS=${STEPS:-2}; SEQ=${SEQ:-1024}
     build "$OUT/tiny" --preset tiny --device cpu
     accelerate launch --config_file configs/accelerate/cpu.yaml recipes/sft_lora.py \
-      --config configs/sft/20b-lora.yaml model.path="$OUT/tiny" $common data.max_length="$SEQ" data.limit=8 \
+      --config configs/sft/20b-lora.yaml model.path="$OUT/tiny" model.dtype=float32 $common data.max_length="$SEQ" data.limit=8 \
       train.steps="$STEPS" train.grad_accum=1 train.gradient_checkpointing=false train.output_dir="$OUT/lora-run" \
       train.progress=false
     accelerate launch --config_file configs/accelerate/cpu.yaml recipes/sft_full.py \
-      --config configs/sft/20b-full.yaml model.path="$OUT/tiny" $common data.max_length="$SEQ" data.limit=8 \
+      --config configs/sft/20b-full.yaml model.path="$OUT/tiny" model.dtype=float32 $common data.max_length="$SEQ" data.limit=8 \
       train.steps="$STEPS" train.grad_accum=1 train.gradient_checkpointing=false train.output_dir="$OUT/full-run" \
       train.progress=false
     ;;

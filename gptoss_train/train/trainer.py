@@ -246,8 +246,23 @@ def build_trainer(cfg: SFTConfig, model, train_dataset, *, full: bool, eval_data
         callbacks=[LossCurveCallback(cfg.train.output_dir), *callbacks],
     )
     if cfg.train.progress:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # the bar shows the loss; raw log dicts would scroll it away
         trainer.add_callback(RichProgressCallback(trainer))
     return trainer
+
+
+def _drop_quantization_config(config_path: Path) -> None:
+    """A full fine-tune saves dense experts: a leftover mxfp4 quantization_config would make loaders (ours,
+    transformers, vLLM) look for *_blocks tensors that are not there. Requantize with gptoss-export instead."""
+    import json
+
+    if not config_path.exists():
+        return
+    config = json.loads(config_path.read_text())
+    if config.pop("quantization_config", None) is not None:
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def save_final(trainer, cfg: SFTConfig, *, full: bool) -> Path:
@@ -264,6 +279,7 @@ def save_final(trainer, cfg: SFTConfig, *, full: bool) -> Path:
         if full:
             from gptoss_train.harmony.tokenizer import copy_tokenizer_files
 
+            _drop_quantization_config(staging / "config.json")
             copy_tokenizer_files(staging)
         if final.exists():
             shutil.rmtree(final)

@@ -77,10 +77,15 @@ def test_full_recipe_runs_and_writes_a_loadable_model(tiny_checkpoint, tmp_path)
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "tokens/s" in done.stdout
-    from gptoss_train.model.load import load_model
+    import json
 
-    model = load_model(out / "final", dtype="float32")
-    assert model.config.num_hidden_layers >= 1
+    import torch
+    from transformers import GptOssForCausalLM
+
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert "quantization_config" not in config  # dense experts: no mxfp4 claim left behind
+    model = GptOssForCausalLM.from_pretrained(out / "final", dtype=torch.float32)
+    assert torch.isfinite(model.model.layers[0].mlp.experts.gate_up_proj).all()
 
 
 def test_recipes_refuse_bad_configs(tmp_path):
@@ -99,3 +104,16 @@ def test_recipes_are_thin_and_distinct():
     shared = set(lora) & set(full)
     meaningful = [line for line in shared if line.strip() and not line.strip().startswith("#")]
     assert len(meaningful) / len(lora) < 0.9
+
+
+@pytest.mark.slow
+def test_gpu_sft_script_cpu_path(tmp_path):
+    """scripts/gpu_sft.sh's commands (accelerate launch of both recipes, 20b configs) on the tiny preset, on CPU."""
+    env = dict(_env(), OUT=str(tmp_path), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+               PYTHON=sys.executable)
+    done = subprocess.run(["bash", str(REPO / "scripts" / "gpu_sft.sh"), "cpu-smoke"], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert done.stdout.count("tokens/s") == 2
+    assert (tmp_path / "lora-run" / "final" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "full-run" / "final" / "config.json").exists()
