@@ -151,6 +151,12 @@ class RichProgressCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.last_loss = float(logs["loss"])
+            # Batch jobs (SLURM, CI, the GPU runner) have no terminal: rich draws nothing there until the end, so
+            # print one plain line per logging step instead.
+            if self.progress is not None and not self.progress.console.is_terminal:
+                elapsed = time.perf_counter() - self.start_time
+                print(f"step {state.global_step}/{state.max_steps}  loss {self.last_loss:.4f}  "
+                      f"{self.tokens_per_second():,.0f} tok/s  {elapsed:.0f} s", flush=True)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.progress is not None:
