@@ -48,6 +48,9 @@ class DataConfig:
     max_length: int = 2048
     truncation: Literal["drop", "truncate"] = "drop"  # what to do with examples longer than max_length
     packing: bool = False  # several examples per row, position ids restart per example
+    # Pad every batch to a multiple of this many tokens. None: on the fast path with packing, pad to max_length
+    # (static shapes: the compiled attention/norm kernels otherwise recompile for every new row length).
+    pad_to_multiple_of: int | None = None
     limit: int | None = None  # use only the first N examples (smoke tests)
 
 

@@ -5,6 +5,8 @@ Each step is one function the recipes call in order, so the recipe shows the str
 
 from __future__ import annotations
 
+import os
+
 import logging
 import re
 from dataclasses import dataclass
@@ -56,6 +58,11 @@ def load_base_model(cfg: SFTConfig, device: str | None = None):
     dtype = resolve_dtype(cfg.model.dtype, device)
     model = load_model(path, experts=cfg.model.experts, dtype=dtype, device=device)
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        # FSDP needs one parameter dtype per wrapped module, but transformers keeps the RMSNorm weights in fp32
+        # (_keep_in_fp32_modules): seen on 2 H200s as "FSDP expects uniform original parameter dtype". Store them in
+        # the training dtype; the norm still computes in fp32 (GptOssRMSNorm upcasts the hidden states).
+        model.to(dtype)
     return model
 
 

@@ -108,3 +108,25 @@ def test_resume_rejects_a_folder_that_is_not_a_checkpoint(tiny_lora_cfg, tmp_pat
         trainer_mod.resolve_resume(tiny_lora_cfg)
     tiny_lora_cfg.train.resume = "latest"
     assert trainer_mod.resolve_resume(tiny_lora_cfg) is None  # nothing yet: start fresh
+
+
+def test_fast_path_pads_packed_rows_to_one_static_length(tiny_lora_cfg, demo_rows):
+    # Compiled kernels recompile for every new sequence length; packed rows are padded to max_length there.
+    tiny_lora_cfg.data.packing = True
+    tiny_lora_cfg.data.max_length = 256
+    rows = [{"input_ids": [5] * n, "labels": [5] * n, "position_ids": list(range(n))} for n in (100, 180)]
+    fast = trainer_mod.make_collator(tiny_lora_cfg, use_fast_path=True)(rows)
+    assert fast["input_ids"].shape == (2, 256)
+    assert (fast["labels"][:, 180:] == -100).all()
+    reference = trainer_mod.make_collator(tiny_lora_cfg, use_fast_path=False)(rows)
+    assert reference["input_ids"].shape == (2, 180)
+
+
+def test_fsdp_gets_uniform_parameter_dtypes(tiny_lora_cfg, monkeypatch):
+    tiny_lora_cfg.model.dtype = "bfloat16"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    mixed = {p.dtype for p in model_setup.load_base_model(tiny_lora_cfg, device="cpu").parameters()}
+    assert mixed == {torch.bfloat16, torch.float32}, "transformers keeps the norms in fp32 (the case FSDP rejects)"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    uniform = {p.dtype for p in model_setup.load_base_model(tiny_lora_cfg, device="cpu").parameters()}
+    assert uniform == {torch.bfloat16}
