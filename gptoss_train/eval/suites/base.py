@@ -7,6 +7,7 @@ import abc
 from typing import Any
 
 from gptoss_train.eval.core import GenerationRequest, GenerationResult, Sample, SampleResult, Suite
+from gptoss_train.eval.definitions import DefinitionError, load_definition
 from gptoss_train.eval.harmony_io import prompt_hash
 
 EFFORTS = ("low", "medium", "high")
@@ -56,7 +57,24 @@ def unusable_turn_failure(result: GenerationResult, *, expects_final: bool = Tru
     return None
 
 
-class BatchedSuite(Suite):
+class DefinedSuite(Suite):
+    """A suite described by ``evals/<name>/suite.yaml`` (description, source, token budgets per effort)."""
+
+    @property
+    def definition(self) -> dict:
+        """The parsed suite.yaml, read once; empty when this installation has no evals/ folder."""
+        if self.__dict__.get("_definition") is None:
+            try:
+                self.__dict__["_definition"] = load_definition(self.name)
+            except DefinitionError:
+                self.__dict__["_definition"] = {}
+        return self.__dict__["_definition"]
+
+    def recommended_max_tokens(self, effort: str) -> int | None:
+        return (self.definition.get("max_tokens") or {}).get(effort)
+
+
+class BatchedSuite(DefinedSuite):
     """A suite whose samples can be generated together (the local backend batches, servers run concurrently).
 
     The runner calls ``run_batch`` when a suite has it; ``run_sample`` stays available for single samples.

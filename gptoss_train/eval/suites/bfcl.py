@@ -23,9 +23,9 @@ from gptoss_train.eval.bfcl.checker import Verdict, check_entry
 from gptoss_train.eval.bfcl.data import load_category, resolve_categories
 from gptoss_train.eval.bfcl.gold import gold_calls
 from gptoss_train.eval.bfcl.schema import sanitize_name, to_openai_tools
-from gptoss_train.eval.core import (Backend, GenerationRequest, GenerationResult, Sample, SampleResult, Suite,
+from gptoss_train.eval.core import (Backend, GenerationRequest, GenerationResult, Sample, SampleResult,
                                     register_suite)
-from gptoss_train.eval.definitions import DefinitionError, load_definition
+from gptoss_train.eval.suites.base import DefinedSuite
 
 
 def _entry(sample: Sample) -> dict:
@@ -138,21 +138,8 @@ def _check_data_option(data) -> None:
                          "leave --data out")
 
 
-class BfclSuite(Suite):
+class BfclSuite(DefinedSuite):
     name = "bfcl"
-
-    @property
-    def definition(self) -> dict:
-        """evals/<name>/suite.yaml (description, source, token budgets); empty when not in a checkout."""
-        if "_definition" not in self.__dict__:
-            try:
-                self.__dict__["_definition"] = load_definition(self.name)
-            except DefinitionError:
-                self.__dict__["_definition"] = {}
-        return self.__dict__["_definition"]
-
-    def recommended_max_tokens(self, effort: str) -> int | None:
-        return (self.definition.get("max_tokens") or {}).get(effort)
 
     def samples(self, *, categories="all", per_category: int | None = None, limit: int | None = None,
                 data: str | None = None, **_: Any) -> list[Sample]:

@@ -58,16 +58,6 @@ class DemoSuite(BatchedSuite):
     # Greedy and short unless the caller says otherwise: the quickstart compares two tiny models on CPU.
     default_options = {"temperature": 0.0, "max_tokens": DEFAULT_MAX_TOKENS}
 
-    @property
-    def definition(self) -> dict:
-        """evals/demo/suite.yaml (description and source, for listings); empty when the checkout has no evals/."""
-        from gptoss_train.eval.definitions import DefinitionError, load_definition
-
-        try:
-            return load_definition(self.name)
-        except DefinitionError:
-            return {}
-
     def samples(self, *, data: str | None = None, **_: Any) -> Iterable[Sample]:
         if data and data != "bundled":
             rows = read_rows(Path(data))

@@ -96,12 +96,10 @@ class ReasoningSuite(SingleTurnSuite):
 
     @property
     def definition(self) -> dict:
+        # Unlike the other suites, a reasoning suite cannot run without its definition (field names, answer kind).
         if self._definition is None:
             self._definition = load_definition(self.name)
         return self._definition
-
-    def recommended_max_tokens(self, effort: str) -> int | None:
-        return (self.definition.get("max_tokens") or {}).get(effort)
 
     # ------------------------------------------------------------------ data
     def samples(self, *, data: str | None = None, seed: int | None = None, **_: Any) -> Iterable[Sample]:

