@@ -32,11 +32,15 @@ N_TRAIN = 320
 N_TEST = 64
 
 SYSTEM_PROMPT = "You are a travel assistant. Use the tools to answer."
-CITIES = ["Paris", "London", "Tokyo", "Berlin", "Madrid", "Rome", "Oslo", "Cairo"]
+# Every value is one token both after a space (in the user's words) and after a quote (in the call's JSON), so the
+# model copies a value with one token rather than spelling it out in pieces (" Oslo" vs "Os" "lo").
+CITIES = ["Paris", "London", "Tokyo", "Berlin", "Madrid", "Rome", "Boston", "Sydney"]
 DAYS = ["today", "tomorrow"]
-CUISINES = ["italian", "thai", "mexican", "indian"]
+CUISINES = ["Italian", "Thai", "Indian", "Greek"]
 CONDITIONS = ["sunny", "cloudy", "rainy", "windy"]
 
+# No `enum` lists in the schemas: they would put every city into the prompt, and a tiny model must then pick the
+# user's city out of nine instead of finding the only one there.
 TOOLS = [
     {
         "type": "function",
@@ -46,8 +50,8 @@ TOOLS = [
             "parameters": {
                 "type": "object",
                 "properties": {
-                    "city": {"type": "string", "enum": CITIES},
-                    "day": {"type": "string", "enum": DAYS},
+                    "city": {"type": "string"},
+                    "day": {"type": "string", "description": "today or tomorrow"},
                 },
                 "required": ["city", "day"],
             },
@@ -60,7 +64,7 @@ TOOLS = [
             "description": "Local time in a city.",
             "parameters": {
                 "type": "object",
-                "properties": {"city": {"type": "string", "enum": CITIES}},
+                "properties": {"city": {"type": "string"}},
                 "required": ["city"],
             },
         },
@@ -73,8 +77,8 @@ TOOLS = [
             "parameters": {
                 "type": "object",
                 "properties": {
-                    "city": {"type": "string", "enum": CITIES},
-                    "cuisine": {"type": "string", "enum": CUISINES},
+                    "city": {"type": "string"},
+                    "cuisine": {"type": "string"},
                 },
                 "required": ["city", "cuisine"],
             },
@@ -155,11 +159,9 @@ def _tool_result(tool: str, args: dict) -> dict:
 
 
 def _reasoning_for_call(tool: str, args: dict) -> str:
-    if tool == "get_weather":
-        return f"The user wants the weather in {args['city']} {args['day']}. Call get_weather."
-    if tool == "get_time":
-        return f"The user wants the time in {args['city']}. Call get_time."
-    return f"The user wants {args['cuisine']} food in {args['city']}. Call find_restaurant."
+    # Short, and the slots in the same order as the call's JSON: a tiny random model copies a value most easily from
+    # a few tokens back (its sliding-window layers see only the user turn and this note, not the long system prompt).
+    return f"Call {tool} for {', '.join(args.values())}."
 
 
 def _final_answer(tool: str, args: dict, result: dict) -> str:
