@@ -85,6 +85,18 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def _build_and_pack(source, *, pack: bool, max_length, **build_options):
+    """Examples and the skip report; plus packed rows of ``max_length`` when ``pack`` (else None)."""
+    if pack and not max_length:
+        _fail("--pack needs --max-length (the length of a packed row)")
+    examples, report = _build(source, max_length=max_length, **build_options)
+    if not pack:
+        return examples, report, None
+    from gptoss_train.data.packing import pack_examples
+
+    return examples, report, pack_examples(examples, max_length)
+
+
 def _build(source: str, *, split: str, progress: bool = True, **options):
     try:
         records = list(open_source(source, split=split))
@@ -182,16 +194,10 @@ def render(
     drop_analysis: Optional[bool] = DROP_OPT,
 ):
     """Render conversations to token ids + loss masks (written atomically)."""
-    if pack and not max_length:
-        _fail("--pack needs --max-length (the length of a packed row)")
-    examples, report = _build(source, split=split, policy=policy, max_length=max_length, truncation=truncation,
-                              on_error=on_error, reasoning_effort=reasoning_effort.value, workers=workers,
-                              auto_drop_analysis=drop_analysis)
-    packed_rows = None
+    examples, report, packed_rows = _build_and_pack(
+        source, pack=pack, split=split, policy=policy, max_length=max_length, truncation=truncation,
+        on_error=on_error, reasoning_effort=reasoning_effort.value, workers=workers, auto_drop_analysis=drop_analysis)
     if pack:
-        from gptoss_train.data.packing import pack_examples
-
-        packed_rows = pack_examples(examples, max_length)
         rows = [row.to_dict() for row in packed_rows]
     else:
         rows = [example.to_dict() for example in examples]
@@ -278,16 +284,9 @@ def stats(
     drop_analysis: Optional[bool] = DROP_OPT,
 ):
     """Examples, tokens, trained-token fraction and the length histogram."""
-    if pack and not max_length:
-        _fail("--pack needs --max-length")
-    examples, report = _build(source, split=split, policy=policy, max_length=max_length, truncation=truncation,
-                              on_error=on_error, reasoning_effort=reasoning_effort.value, workers=workers,
-                              auto_drop_analysis=drop_analysis)
-    packed_rows = None
-    if pack:
-        from gptoss_train.data.packing import pack_examples
-
-        packed_rows = pack_examples(examples, max_length)
+    examples, report, packed_rows = _build_and_pack(
+        source, pack=pack, split=split, policy=policy, max_length=max_length, truncation=truncation,
+        on_error=on_error, reasoning_effort=reasoning_effort.value, workers=workers, auto_drop_analysis=drop_analysis)
     result = compute_stats(examples, packed_rows=packed_rows, max_length=max_length)
     if as_json:
         sys.stdout.write(json.dumps({"stats": result.to_dict(), "report": report.to_dict()}, indent=2) + "\n")
