@@ -4,6 +4,8 @@ Training pieces (each usable alone; ``enable_fast_training`` switches them all o
   * ``attention``  FlexAttention with the sinks folded in through the log-sum-exp; causal / 128-window / packed.
   * ``moe``        experts + PEFT LoRA as grouped GEMMs over routed tokens; frozen experts may stay MXFP4.
   * ``loss``       chunked linear + cross-entropy over the 201k vocabulary (no full logits).
+  * ``layer``      each decoder layer's body as one compiled region (fuses PEFT's attention LoRA, rotary, casts,
+                   residuals around the pieces above; cuts kernel launches).
   * recomputation  which activations to recompute in backward (``recompute=``), chosen by measurement
                    (scripts/bench_train.py; docs/fast-training.md).
 """
@@ -16,6 +18,7 @@ import torch
 
 from gptoss_train.kernels.attention import install_sink_attention, register_sink_attention, sink_attention_forward
 from gptoss_train.kernels.loss import causal_lm_chunked_loss, chunked_linear_cross_entropy, install_chunked_loss
+from gptoss_train.kernels.layer import compile_failure, install_compiled_layers
 from gptoss_train.kernels.moe import attach_mxfp4_experts, install_fast_experts, moe_experts_forward
 from gptoss_train.kernels.norm import install_compiled_norms
 
@@ -23,7 +26,7 @@ __all__ = [
     "enable_fast_training", "install_sink_attention", "register_sink_attention", "sink_attention_forward",
     "install_fast_experts", "moe_experts_forward", "attach_mxfp4_experts", "install_chunked_loss",
     "chunked_linear_cross_entropy", "causal_lm_chunked_loss", "install_recompute", "RECOMPUTE_CHOICES",
-    "install_compiled_norms",
+    "install_compiled_norms", "install_compiled_layers", "compile_failure",
 ]
 
 # "layer": transformers' gradient checkpointing (recompute whole decoder layers; least memory).
@@ -67,12 +70,15 @@ def install_recompute(model, recompute: str) -> None:
 
 
 def enable_fast_training(model, *, attention: bool = True, experts: bool = True, loss: bool = True, norms: bool = True,
-                         recompute: str | None = None, loss_chunk_size: int = 1024, force: bool = False) -> str | None:
+                         recompute: str | None = None, loss_chunk_size: int = 1024, compile_layers: bool | None = None,
+                         compile_backend: str = "inductor", force: bool = False) -> str | None:
     """Switch a loaded GptOssForCausalLM (possibly PEFT-wrapped) to the fast training path.
 
     Returns a one-line description of what was switched, or None when the model is not on CUDA (the reference
     transformers path stays in place; ``force=True`` installs the CPU reference implementations anyway, for tests).
     Call it after PEFT has wrapped the model (the experts path reads PEFT's LoRA factors) and before training.
+    ``compile_layers`` (default: on CUDA, when attention and experts are on) runs each decoder layer as one
+    compiled region (kernels/layer.py); recompute "attention"/"experts" keep those layers eager.
     """
     try:
         device = next(model.parameters()).device
@@ -90,6 +96,12 @@ def enable_fast_training(model, *, attention: bool = True, experts: bool = True,
     if loss:
         install_chunked_loss(model, chunk_size=loss_chunk_size)
         parts.append(f"loss=chunked linear-CE (chunk {loss_chunk_size})")
+    if compile_layers is None:
+        compile_layers = device.type == "cuda" and attention and experts
+    if compile_layers:
+        if not (attention and experts):
+            raise ValueError("compile_layers needs attention=True and experts=True (the compiled body uses both)")
+        parts.append(f"layers=compiled ({compile_backend}) x{install_compiled_layers(model, compile_backend)}")
     if recompute is not None:
         install_recompute(model, recompute)
         parts.append(f"recompute={recompute}")

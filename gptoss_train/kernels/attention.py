@@ -111,7 +111,10 @@ def _compiled_flex():
 
 
 def _flex_with_lse(query, key, value, block_mask, scaling):
-    flex = _compiled_flex()
+    if torch.compiler.is_compiling():  # inside a compiled decoder layer (kernels/layer.py): flex is traced in place
+        from torch.nn.attention.flex_attention import flex_attention as flex
+    else:
+        flex = _compiled_flex()
     try:  # torch >= 2.9 asks for auxiliary outputs through AuxRequest; older versions take return_lse
         from torch.nn.attention.flex_attention import AuxRequest
         out, aux = flex(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=True,
@@ -164,11 +167,18 @@ def _block_mask(position_ids, padding, sliding_window, batch_size, q_len, kv_len
     return _block_masks.get(position_ids, padding, sliding_window, (batch_size, q_len, kv_len), build)
 
 
+def layer_block_mask(attention_mask, position_ids, sliding_window, batch_size: int, seq_len: int, device):
+    """The (cached) BlockMask a training forward of one layer uses: built eagerly, outside any compiled region."""
+    padding = _key_padding(attention_mask, batch_size, seq_len)
+    return _block_mask(position_ids, padding, sliding_window, batch_size, seq_len, seq_len, device)
+
+
 def sink_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                           sliding_window=None, s_aux=None, position_ids=None, **kwargs):
+                           sliding_window=None, s_aux=None, position_ids=None, block_mask=None, **kwargs):
     """transformers attention-interface function for gpt-oss (registered as ``gptoss_flex_sinks``).
 
-    query [B, Hq, L, D], key/value [B, Hkv, S, D]; returns ([B, L, Hq, D], None)."""
+    query [B, Hq, L, D], key/value [B, Hkv, S, D]; returns ([B, L, Hq, D], None). ``block_mask``: a BlockMask the
+    caller built already (the compiled decoder layer builds it outside its graph, see ``layer_block_mask``)."""
     if dropout:
         raise ValueError(f"{ATTENTION_NAME} has no attention dropout; set config.attention_dropout = 0")
     sinks = s_aux if s_aux is not None else module.sinks
@@ -178,8 +188,9 @@ def sink_attention_forward(module, query, key, value, attention_mask, scaling=No
     padding = _key_padding(attention_mask, batch_size, kv_len)
     if q_len != kv_len and position_ids is not None:
         position_ids = None  # decoding with a cache: documents are a training-time notion
-    if query.is_cuda:
-        block_mask = _block_mask(position_ids, padding, sliding_window, batch_size, q_len, kv_len, query.device)
+    if block_mask is not None or query.is_cuda:
+        if block_mask is None:
+            block_mask = _block_mask(position_ids, padding, sliding_window, batch_size, q_len, kv_len, query.device)
         out, lse = _flex_with_lse(query, key, value, block_mask, scaling)
         gate = torch.sigmoid(lse - sinks.float().view(1, -1, 1))  # lse [B, Hq, L] float32
         out = (out.float() * gate.unsqueeze(-1)).to(query.dtype)

@@ -48,11 +48,15 @@ def _decode_mxfp4_compiled():
 _compiled_decode_failed = False
 
 
-def decode_mxfp4_experts(blocks: torch.Tensor, scales: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
-    """Decode a stack of expert matrices for the hot path; numerically identical to ``quant.mxfp4.decode``."""
+def decode_mxfp4_experts(blocks: torch.Tensor, scales: torch.Tensor, dtype=torch.bfloat16,
+                         rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """Decode a stack of expert matrices [E, out, G, 16] for the hot path (numerically identical to
+    ``quant.mxfp4.decode``); ``rows=(start, stop)``: only those output rows of every expert."""
     global _compiled_decode_failed
     if blocks.is_cuda and mxfp4_decode.triton_available() and dtype in (torch.bfloat16, torch.float16, torch.float32):
-        return mxfp4_decode.decode_mxfp4_triton(blocks, scales, dtype)
+        return mxfp4_decode.decode_mxfp4_triton(blocks, scales, dtype, rows)
+    if rows is not None:
+        blocks, scales = blocks[:, rows[0]:rows[1]], scales[:, rows[0]:rows[1]]
     if blocks.is_cuda and not _compiled_decode_failed:
         try:
             return _decode_mxfp4_compiled()(blocks, scales, dtype)
@@ -89,38 +93,90 @@ def has_mxfp4_experts(experts: torch.nn.Module) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ grouped products
+@torch.library.custom_op("gptoss_train::grouped_mm_any_dtype", mutates_args=())
+def _grouped_mm_opaque(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return torch._grouped_mm(a, b, offs=offs).contiguous()
+
+
+@_grouped_mm_opaque.register_fake
+def _(a, b, offs):
+    if b.dim() == 3:  # [M, K] x [G, K, N] -> [M, N]
+        return a.new_empty(a.shape[0], b.shape[-1])
+    return a.new_empty(offs.shape[0], a.shape[0], b.shape[1])  # [K, M] x [M, N], groups along M -> [G, K, N]
+
+
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm, traceable in any dtype.
+
+    The eager op computes float32 too (CPU tests, the GPU float32 numerics check), but its meta function accepts bf16
+    only, so a compiled decoder layer (kernels/layer.py) could not trace a float32 model. Outside bf16 the call goes
+    through an opaque custom op with its own shape function; bf16 keeps the native op that inductor knows."""
+    if a.dtype == torch.bfloat16:
+        return torch._grouped_mm(a, b, offs=offs)
+    return _grouped_mm_opaque(a, b, offs)
+
+
 class _GroupedMM(torch.autograd.Function):
     """y[rows of group e] = x[rows of group e] @ w[e]; gradients for x and (if trainable) w."""
 
     @staticmethod
     def forward(ctx, x, w, offs):
         ctx.save_for_backward(x, w, offs)
-        return torch._grouped_mm(x, w, offs=offs)
+        return _grouped_mm(x, w, offs)
 
     @staticmethod
     def backward(ctx, grad):
         x, w, offs = ctx.saved_tensors
         grad = grad.contiguous()
-        grad_x = torch._grouped_mm(grad, w.transpose(-1, -2), offs=offs) if ctx.needs_input_grad[0] else None
+        grad_x = _grouped_mm(grad, w.transpose(-1, -2), offs) if ctx.needs_input_grad[0] else None
         # 2-D x 2-D with offsets along the shared dimension gives one [in, out] product per group (zero if empty).
-        grad_w = torch._grouped_mm(x.t(), grad, offs=offs) if ctx.needs_input_grad[1] else None
+        grad_w = _grouped_mm(x.t(), grad, offs) if ctx.needs_input_grad[1] else None
         return grad_x, grad_w, None
 
 
+# Largest transient bf16 piece of a decoded expert stack. A whole 20b gate_up stack is 1 GiB (120b: 4 GiB) and it is
+# alive in the backward of every layer, next to that layer's recomputed activations, where the step's memory peaks:
+# decoding (and multiplying) a range of output rows at a time bounds it. Smaller pieces cost more, narrower GEMMs.
+DECODE_PIECE_BYTES = 256 * 2**20
+
+
+def _row_pieces(blocks: torch.Tensor, dtype: torch.dtype) -> list[tuple[int, int]]:
+    experts, rows, groups = blocks.shape[0], blocks.shape[1], blocks.shape[2]
+    row_bytes = experts * groups * 32 * torch.empty((), dtype=dtype).element_size()
+    per_piece = max(8, DECODE_PIECE_BYTES // row_bytes // 8 * 8)  # multiples of 8 rows keep 16-byte alignment
+    pieces = -(-rows // per_piece)
+    size = rows if pieces == 1 else -(-(-(-rows // pieces)) // 8) * 8  # ceil(ceil(rows / pieces) / 8) * 8
+    return [(start, min(start + size, rows)) for start in range(0, rows, size)]
+
+
 class _GroupedMMFromMXFP4(torch.autograd.Function):
-    """y = x @ decode(W)ᵀ per group, for a frozen MXFP4 stack [E, out, in]; backward decodes again for dX only."""
+    """y = x @ decode(W)ᵀ per group, for a frozen MXFP4 stack [E, out, in]; backward decodes again for dX only.
+
+    The stack is decoded a range of output rows at a time (``DECODE_PIECE_BYTES``): forward concatenates the pieces'
+    output columns, backward sums their contributions to dX. No bf16 copy outlives the product that reads it."""
 
     @staticmethod
     def forward(ctx, x, blocks, scales, offs):
-        weight = decode_mxfp4_experts(blocks, scales, x.dtype)  # [E, out, in], transient
         ctx.save_for_backward(blocks, scales, offs)
-        return torch._grouped_mm(x, weight.transpose(-1, -2), offs=offs)
+        outputs = []
+        for rows in _row_pieces(blocks, x.dtype):
+            weight = decode_mxfp4_experts(blocks, scales, x.dtype, rows)  # [E, rows, in], transient
+            outputs.append(_grouped_mm(x, weight.transpose(-1, -2), offs))
+            del weight
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     @staticmethod
     def backward(ctx, grad):
         blocks, scales, offs = ctx.saved_tensors
-        weight = decode_mxfp4_experts(blocks, scales, grad.dtype)
-        return torch._grouped_mm(grad.contiguous(), weight, offs=offs), None, None, None
+        grad = grad.contiguous()
+        grad_x = None
+        for start, stop in _row_pieces(blocks, grad.dtype):
+            weight = decode_mxfp4_experts(blocks, scales, grad.dtype, (start, stop))
+            piece = grad if (start, stop) == (0, grad.shape[1]) else grad[:, start:stop].contiguous()
+            part = _grouped_mm(piece, weight, offs)
+            del weight
+            grad_x = part if grad_x is None else grad_x.add_(part)
+        return grad_x, None, None, None
 
 
 class _GatherRows(torch.autograd.Function):
@@ -228,8 +284,11 @@ def moe_experts_forward(hidden: torch.Tensor, router_indices: torch.Tensor, rout
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
     x = _GatherRows.apply(hidden, order // top_k, inverse, top_k)  # [T*K, H], grouped by expert
-    bias_swiglu = _compiled(_bias_swiglu) if x.is_cuda else _bias_swiglu
-    bias_route = _compiled(_bias_route) if x.is_cuda else _bias_route
+    # Eager CUDA callers get the two fused kernels; inside a compiled decoder layer (kernels/layer.py) the
+    # surrounding graph fuses them anyway, and a nested torch.compile there would only get in the way.
+    fuse = x.is_cuda and not torch.compiler.is_compiling()
+    bias_swiglu = _compiled(_bias_swiglu) if fuse else _bias_swiglu
+    bias_route = _compiled(_bias_route) if fuse else _bias_route
     gate_up = _projection(x, base, "gate_up_proj", adapters, offs)
     act = bias_swiglu(gate_up, base.gate_up_proj_bias, sorted_experts, base.alpha, base.limit)
     down = _projection(act, base, "down_proj", adapters, offs)

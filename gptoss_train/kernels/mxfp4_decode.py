@@ -34,12 +34,16 @@ if triton is not None:
         return tl.where((code & 8) != 0, -value, value)
 
     @triton.jit
-    def _decode_kernel(blocks_ptr, scales_ptr, out_ptr, n_bytes, BLOCK: tl.constexpr):
+    def _decode_kernel(blocks_ptr, scales_ptr, out_ptr, n_bytes, slice_bytes, matrix_bytes, first_byte,
+                       BLOCK: tl.constexpr):
+        # Output byte i comes from matrix i // slice_bytes, byte first_byte + i % slice_bytes of that matrix: a row
+        # range of every expert (slice_bytes == matrix_bytes, first_byte == 0: the whole stack).
         pid = tl.program_id(0)
         offsets = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offsets < n_bytes
-        byte = tl.load(blocks_ptr + offsets, mask=mask, other=0).to(tl.int32)
-        scale_byte = tl.load(scales_ptr + offsets // 16, mask=mask, other=127).to(tl.int32)
+        source = (offsets // slice_bytes) * matrix_bytes + first_byte + offsets % slice_bytes
+        byte = tl.load(blocks_ptr + source, mask=mask, other=0).to(tl.int32)
+        scale_byte = tl.load(scales_ptr + source // 16, mask=mask, other=127).to(tl.int32)
         scale = (scale_byte << 23).to(tl.float32, bitcast=True)
         low = _e2m1(byte & 15) * scale
         high = _e2m1(byte >> 4) * scale
@@ -52,11 +56,47 @@ def triton_available() -> bool:
     return triton is not None
 
 
-def decode_mxfp4_triton(blocks: torch.Tensor, scales: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
-    """[..., G, 16] uint8 + [..., G] uint8 (CUDA, contiguous) -> [..., G*32] ``dtype``."""
+def _launch_decode(blocks, scales, dtype, first_row: int, num_rows: int, launch) -> torch.Tensor:
     blocks, scales = blocks.contiguous(), scales.contiguous()
-    out = torch.empty(*blocks.shape[:-2], blocks.shape[-2] * 32, dtype=dtype, device=blocks.device)
-    n_bytes = blocks.numel()
+    rows, groups = blocks.shape[-3], blocks.shape[-2]
+    matrices = blocks.numel() // (rows * groups * 16)
+    out = torch.empty(*blocks.shape[:-3], num_rows, groups * 32, dtype=dtype, device=blocks.device)
+    n_bytes = matrices * num_rows * groups * 16
     block = 2048
-    _decode_kernel[(triton.cdiv(n_bytes, block),)](blocks, scales, out, n_bytes, BLOCK=block, num_warps=8)
+    launch(_decode_kernel)[(triton.cdiv(n_bytes, block),)](
+        blocks, scales, out, n_bytes, num_rows * groups * 16, rows * groups * 16, first_row * groups * 16,
+        BLOCK=block, num_warps=8)
     return out
+
+
+_decode_op = None
+
+
+def _registered_decode_op():
+    """The kernel as a ``torch.library.triton_op``, so a compiled decoder layer (kernels/layer.py) traces through it
+    as one op instead of breaking its graph; None on torch versions without triton_op."""
+    global _decode_op
+    if _decode_op is None:
+        try:
+            from torch.library import triton_op, wrap_triton
+        except ImportError:
+            _decode_op = False
+        else:
+            @triton_op("gptoss_train::decode_mxfp4_rows", mutates_args=())
+            def decode_mxfp4_rows(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, first_row: int,
+                                  num_rows: int) -> torch.Tensor:
+                return _launch_decode(blocks, scales, dtype, first_row, num_rows, wrap_triton)
+
+            _decode_op = decode_mxfp4_rows
+    return _decode_op or None
+
+
+def decode_mxfp4_triton(blocks: torch.Tensor, scales: torch.Tensor, dtype=torch.bfloat16,
+                        rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """[..., R, G, 16] uint8 + [..., R, G] uint8 (CUDA) -> [..., R, G*32] ``dtype``; ``rows=(start, stop)`` decodes
+    only that range of every matrix's rows -> [..., stop - start, G*32]."""
+    first, stop = rows if rows is not None else (0, blocks.shape[-3])
+    op = _registered_decode_op()
+    if op is not None:
+        return op(blocks, scales, dtype, first, stop - first)
+    return _launch_decode(blocks, scales, dtype, first, stop - first, lambda kernel: kernel)

@@ -86,3 +86,18 @@ def test_trl_fused_lm_head_calls_pass_through():
     out = model(input_ids=ids, labels=ids, fused_lm_head=True)
     assert rel_err(-out.log_probs.sum() / 7, expected) < 1e-5  # 7 scored positions (the last has no target)
     assert rel_err(model(input_ids=ids, labels=ids).loss, expected) < 1e-6  # plain calls use the chunked loss
+
+
+def test_fused_chunk_gradient_equals_softmax_minus_onehot():
+    """The per-chunk function compiled on CUDA: summed loss and (softmax - onehot) on valid rows, 0 on ignored."""
+    from gptoss_train.kernels.loss import _chunk_loss_and_grad
+
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(9, 50, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 50, (9,), generator=gen)
+    labels[2] = -100
+    ref = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+    (ref_grad,) = torch.autograd.grad(ref, (logits,))
+    loss_sum, grad = _chunk_loss_and_grad(logits.detach(), labels, -100)
+    assert rel_err(loss_sum, ref) < 1e-6 and rel_err(grad, ref_grad) < 1e-6
+    assert grad[2].abs().sum() == 0

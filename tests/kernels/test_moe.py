@@ -106,3 +106,21 @@ def test_fast_experts_over_model_load_mxfp4(tiny_checkpoint):
     fast = add_lora(load_model(tiny_checkpoint, experts="mxfp4", dtype=torch.float32))
     assert install_fast_experts(fast) == fast.get_base_model().config.num_hidden_layers
     _compare_lora_training(reference, fast, _ids(8, shape=(1, 10)))
+
+
+def test_mxfp4_decode_in_row_pieces_matches_dense_decode(monkeypatch):
+    """A small piece budget splits every stack into row ranges (forward concatenates, backward sums): same result."""
+    from gptoss_train.kernels import moe
+
+    monkeypatch.setattr(moe, "DECODE_PIECE_BYTES", 1)  # the minimum: 8 rows a piece
+    reference, fast = _mxfp4_pair(build_tiny_model())
+    blocks = fast.model.layers[0].mlp.experts.gate_up_proj_blocks
+    pieces = moe._row_pieces(blocks, torch.float32)
+    assert len(pieces) == blocks.shape[1] // 8 and pieces[-1][1] == blocks.shape[1]
+    assert torch.equal(decode_mxfp4_experts(blocks, fast.model.layers[0].mlp.experts.gate_up_proj_scales,
+                                            torch.float32, (8, 24)),
+                       decode_mxfp4_experts(blocks, fast.model.layers[0].mlp.experts.gate_up_proj_scales,
+                                            torch.float32)[:, 8:24])
+    reference, fast = add_lora(reference), add_lora(fast)
+    install_fast_experts(fast)
+    _compare_lora_training(reference, fast, _ids(9))

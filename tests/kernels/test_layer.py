@@ -1,0 +1,71 @@
+"""The compiled decoder layer (kernels/layer.py): traced whole (no graph breaks), and numerically the eager path.
+
+The CUDA path compiles with inductor; here the "aot_eager" backend runs the same dynamo + AOTAutograd tracing
+(autograd Functions, PEFT's LoRA modules, the opaque MXFP4 / grouped-GEMM ops, checkpointing around the region)
+without code generation, so it checks in seconds what would break the GPU compile. Inductor itself: the slow test.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from gptoss_train.kernels import compile_failure, enable_fast_training
+
+from conftest import add_lora, build_tiny_model, lora_grads, rel_err
+
+
+def _train_both(recompute: str, backend: str, steps: int = 2):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = build_tiny_model()
+    reference, fast = add_lora(copy.deepcopy(model)), add_lora(copy.deepcopy(model))
+    reference.train()
+    fast.train()
+    description = enable_fast_training(fast, recompute=recompute, force=True, compile_layers=True,
+                                       compile_backend=backend)
+    assert f"layers=compiled ({backend}) x2" in description
+    ids = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(7))
+    for _ in range(steps):  # the second step reuses the compiled graphs (and a recompute reruns them)
+        reference.zero_grad(set_to_none=True)
+        fast.zero_grad(set_to_none=True)
+        ref_loss, fast_loss = reference(input_ids=ids, labels=ids).loss, fast(input_ids=ids, labels=ids).loss
+        ref_loss.backward()
+        fast_loss.backward()
+    assert compile_failure() is None
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    # one graph per layer kind (sliding window / full), shared by every layer of that kind
+    assert counters["stats"]["unique_graphs"] == 2
+    assert rel_err(fast_loss, ref_loss) < 1e-5
+    ref_grads = lora_grads(reference)
+    for name, grad in lora_grads(fast).items():
+        assert rel_err(grad, ref_grads[name]) < 1e-4, name
+
+
+@pytest.mark.parametrize("recompute", ["layer", "none"])
+def test_compiled_layers_match_reference(recompute):
+    _train_both(recompute, "aot_eager")
+
+
+@pytest.mark.slow
+def test_compiled_layers_with_inductor_match_reference():
+    _train_both("layer", "inductor")
+
+
+def test_per_module_recompute_keeps_layers_eager():
+    model = add_lora(build_tiny_model())
+    model.train()
+    enable_fast_training(model, recompute="attention", force=True, compile_layers=True, compile_backend="aot_eager")
+    ids = torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(2))
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert counters["stats"]["unique_graphs"] == 0
+
+
+def test_compiled_layers_need_the_fast_attention_and_experts():
+    with pytest.raises(ValueError, match="compile_layers"):
+        enable_fast_training(build_tiny_model(), experts=False, compile_layers=True, force=True)
