@@ -582,6 +582,59 @@ def decode_step(
     return F.linear(x, w.lm_head).float()
 
 
+def fused_decode_supported(w: ModelWeights, batch: int, use_grouped: bool) -> bool:
+    """Whether `decode_step_fused` covers this model and batch (Triton on CUDA, grouped GEMM experts)."""
+    from gptoss_train.kernels import gen_kernels
+
+    return (
+        gen_kernels.available(w.device)
+        and use_grouped
+        and batch * w.top_k <= gen_kernels.MAX_FUSED_PAIRS
+        and w.head_dim & (w.head_dim - 1) == 0
+    )
+
+
+def decode_step_fused(
+    w: ModelWeights, cache: KVCache, tokens: Tensor, positions: Tensor, kv_len: int, use_grouped: bool
+) -> Tensor:
+    """`decode_step` with its small kernels fused (gen_kernels): 12 launches a layer instead of ~62.
+
+    Same contract and numerics as `decode_step` up to reduction order and the online softmax in attention.
+    LoRA terms are added with plain torch ops between the fused kernels."""
+    from gptoss_train.kernels import gen_kernels as K
+
+    x = w.embed[tokens]
+    _, h = K.add_rms_norm(x, None, w.layers[0].input_norm, w.layers[0].norm_eps)
+    for li, layer in enumerate(w.layers):
+        qkv = F.linear(h, layer.qkv_w, layer.qkv_b)
+        if layer.lora_q is not None or layer.lora_k is not None or layer.lora_v is not None:
+            t = h.shape[0]
+            q_dim, kv_dim = w.num_heads * w.head_dim, w.num_kv_heads * w.head_dim
+            qkv = qkv + torch.cat([
+                lora(h) if lora is not None else h.new_zeros(t, dim)
+                for lora, dim in ((layer.lora_q, q_dim), (layer.lora_k, kv_dim), (layer.lora_v, kv_dim))
+            ], dim=-1)
+        kc, vc = cache.k[li], cache.v[li]
+        q = K.rope_kv_write(qkv, positions, w.cos2, w.sin2, kc, vc, w.num_heads, ring=layer.sliding)
+        attn = K.decode_attention(q, kc, vc, positions, layer.sinks, w.scaling, kc.shape[2] if layer.sliding else kv_len)
+        x, h = K.add_rms_norm(x, out_projection(layer, attn), layer.post_norm, layer.norm_eps)
+        logits = F.linear(h, layer.router_w, layer.router_b)
+        scores, _, expert_sorted, token_sorted, offs, inv = K.route_sort(logits, w.top_k, h.dtype)
+        xs = h[token_sorted]
+        gate_up = expert_mm(xs, layer.gate_up, offs, expert_sorted, use_grouped)
+        if layer.lora_gate_up is not None:
+            gate_up = gate_up + _expert_lora(xs, layer.lora_gate_up, offs, expert_sorted, use_grouped)
+        act = K.bias_swiglu(gate_up, layer.gate_up_b, expert_sorted, w.swiglu_alpha, w.swiglu_limit)
+        out = expert_mm(act, layer.down, offs, expert_sorted, use_grouped)
+        if layer.lora_down is not None:
+            out = out + _expert_lora(act, layer.lora_down, offs, expert_sorted, use_grouped)
+        last = li + 1 == len(w.layers)
+        norm_w = w.final_norm if last else w.layers[li + 1].input_norm
+        eps = w.norm_eps if last else w.layers[li + 1].norm_eps
+        x, h = K.moe_combine_add_rms_norm(x, out, layer.down_b, expert_sorted, scores, inv, norm_w, eps, w.top_k)
+    return F.linear(h, w.lm_head).float()
+
+
 # The small element-wise pieces of a step, looked up at call time so that `use_compiled_kernels` can swap in
 # torch.compile'd versions (fusing ~60 small kernels a layer into a few); plain eager functions by default.
 EAGER_KERNELS = dict(

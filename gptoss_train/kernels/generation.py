@@ -29,6 +29,8 @@ from gptoss_train.kernels.gen_model import (
     UnsupportedModel,
     collect_weights,
     decode_step,
+    decode_step_fused,
+    fused_decode_supported,
     grouped_mm_supported,
     prefill,
     unwrap_peft,
@@ -59,11 +61,8 @@ class _Sequence:
     index: int  # position in the caller's prompt list
     prompt_len: int
     completion: list[int] = field(default_factory=list)
-
-    @property
-    def next_position(self) -> int:
-        # Position of the last sampled token, which the next decode step feeds in.
-        return self.prompt_len + len(self.completion) - 1
+    launched: int = 0  # decode steps launched for it; step j feeds completion[j] at position prompt_len + j
+    done: bool = False
 
 
 @dataclass
@@ -77,6 +76,7 @@ class GenerationStats:
     first_token_s: float | None = None  # from the call's start until the first sequence had its first token
     graphs_captured: int = 0
     capture_s: float = 0.0  # part of decode_s spent capturing graphs (first use of a batch/length bucket)
+    fused_error: str | None = None  # why the fused decode kernels were switched off, if they were
 
 
 def _length_buckets(max_seq_len: int) -> list[int]:
@@ -107,6 +107,7 @@ class FastGenerator:
         use_cuda_graphs: bool = True,
         adapter=None,
         prefill_tokens: int = 8192,
+        fused_kernels: bool | None = None,
     ):
         if max_batch < 1 or max_seq_len < 2:
             raise ValueError(f"max_batch must be >= 1 and max_seq_len >= 2, got {max_batch} and {max_seq_len}")
@@ -121,6 +122,8 @@ class FastGenerator:
         self.device = self.weights.device
         self.use_grouped = grouped_mm_supported(self.weights.layers[0].gate_up)
         self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
+        # Triton-fused decode step (gen_kernels) on CUDA by default; the eager step elsewhere or when asked.
+        self.fused_kernels = self.device.type == "cuda" if fused_kernels is None else fused_kernels
         self.cache = KVCache(self.weights, max_batch, max_seq_len)
         self._length_buckets = _length_buckets(max_seq_len)
         self._batch_buckets = _batch_buckets(max_batch)
@@ -129,8 +132,10 @@ class FastGenerator:
         self._positions = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self._logits = torch.zeros(max_batch, self.weights.lm_head.shape[0], dtype=torch.float32, device=self.device)
         pin = self.device.type == "cuda"
-        self._tokens_host = torch.zeros(max_batch, dtype=torch.long, pin_memory=pin)
-        self._positions_host = torch.zeros(max_batch, dtype=torch.long, pin_memory=pin)
+        # Two of each host buffer: step t+1 is launched before step t's tokens are read (see generate()).
+        self._tokens_host = [torch.zeros(max_batch, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self._positions_host = [torch.zeros(max_batch, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self._events = [torch.cuda.Event() for _ in range(2)] if pin else None
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_cuda_graphs else None
         self.stats = GenerationStats()
@@ -147,9 +152,14 @@ class FastGenerator:
     # Decode step (graph-captured on CUDA)
     # ------------------------------------------------------------------------------------------------------------------
 
+    def _step_fn(self, batch: int):
+        if self.fused_kernels and fused_decode_supported(self.weights, batch, self.use_grouped):
+            return decode_step_fused
+        return decode_step
+
     def _run_decode(self, batch: int, kv_len: int) -> Tensor:
         if not self.use_cuda_graphs:
-            self._logits[:batch] = decode_step(
+            self._logits[:batch] = self._step_fn(batch)(
                 self.weights, self.cache, self._tokens[:batch], self._positions[:batch], kv_len, self.use_grouped
             )
             return self._logits[:batch]
@@ -159,9 +169,18 @@ class FastGenerator:
             t0 = time.perf_counter()
             try:
                 graph = self._capture(batch, kv_len)
-            except RuntimeError as err:  # e.g. an op that syncs in this torch build: run eagerly from now on
-                warnings.warn(f"CUDA graph capture failed, decoding without graphs: {err}", stacklevel=2)
-                self.use_cuda_graphs = False
+            except Exception as err:  # noqa: BLE001 - a kernel/compiler failure must not stop generation
+                if self._step_fn(batch) is decode_step_fused:
+                    # A Triton compile or launch failure: the eager step (still graph-captured) from now on.
+                    warnings.warn(f"fused decode kernels failed, using the eager step: {err}", stacklevel=2)
+                    self.fused_kernels = False
+                    self.stats.fused_error = f"{type(err).__name__}: {str(err)[:300]}"
+                elif isinstance(err, RuntimeError):  # e.g. an op that syncs in this torch build
+                    warnings.warn(f"CUDA graph capture failed, decoding without graphs: {err}", stacklevel=2)
+                    self.use_cuda_graphs = False
+                else:
+                    raise
+                torch.cuda.synchronize(self.device)
                 return self._run_decode(batch, kv_len)
             self._graphs[key] = graph
             self.stats.graphs_captured += 1
@@ -170,8 +189,10 @@ class FastGenerator:
         return self._logits[:batch]
 
     def _capture(self, batch: int, kv_len: int) -> torch.cuda.CUDAGraph:
+        step_fn = self._step_fn(batch)
+
         def step():
-            self._logits[:batch] = decode_step(
+            self._logits[:batch] = step_fn(
                 self.weights, self.cache, self._tokens[:batch], self._positions[:batch], kv_len, self.use_grouped
             )
 
@@ -260,11 +281,26 @@ class FastGenerator:
             return (
                 seq.completion[-1] in stops
                 or len(seq.completion) >= max_new_tokens
-                or seq.next_position + 1 >= self.max_seq_len
+                or seq.prompt_len + len(seq.completion) >= self.max_seq_len
             )
 
-        while queue or any(s is not None for s in slots):
-            # Admit: fill free slots from the queue, prefilling up to `prefill_tokens` prompt tokens per forward.
+        def can_launch(seq: _Sequence) -> bool:
+            # Step j produces completion token j + 1: only launch steps whose token can be kept.
+            j = seq.launched
+            return not seq.done and j + 1 < max_new_tokens and seq.prompt_len + j + 1 < self.max_seq_len
+
+        def release(slot: int, seq: _Sequence) -> None:
+            seq.done = True
+            results[seq.index] = seq.completion
+            if slots[slot] is seq:
+                slots[slot] = None
+
+        # Pipelined decode: step t+1 is launched (its input tokens are step t's samples, already on the device)
+        # before the host reads step t's tokens, so host work hides behind GPU work. A sequence that stops at step
+        # t costs one wasted token in step t+1, computed in its own cache rows and dropped.
+        pending = None
+        step_index = 0
+        while True:
             free = [i for i, s in enumerate(slots) if s is None]
             while queue and free:
                 batch_idx, batch_slots, budget = [], [], self.prefill_tokens
@@ -276,7 +312,10 @@ class FastGenerator:
                 logits = prefill(
                     self.weights, self.cache, [prompts[i] for i in batch_idx], batch_slots, self.use_grouped
                 )
-                first = self._sample(logits, temperature, top_p, generator).tolist()
+                first_dev = self._sample(logits, temperature, top_p, generator)
+                # Stream-ordered after any in-flight step, so that step's writes to a reused slot land first.
+                self._tokens[torch.tensor(batch_slots, device=self.device)] = first_dev
+                first = first_dev.tolist()
                 self.stats.prefill_s += time.perf_counter() - t0
                 if self.stats.first_token_s is None:
                     self.stats.first_token_s = time.perf_counter() - start
@@ -288,29 +327,55 @@ class FastGenerator:
                         free.sort()
                     else:
                         slots[slot] = seq
-            live = [i for i, s in enumerate(slots) if s is not None]
-            if not live:
-                continue
             t0 = time.perf_counter()
-            batch = self._bucket(self._batch_buckets, live[-1] + 1)
-            tokens, positions = [0] * batch, [0] * batch
-            for i in live:
-                tokens[i] = slots[i].completion[-1]
-                positions[i] = slots[i].next_position
-            kv_len = self._bucket(self._length_buckets, max(positions) + 1)
-            self._tokens_host[:batch] = torch.tensor(tokens)
-            self._positions_host[:batch] = torch.tensor(positions)
-            self._tokens[:batch].copy_(self._tokens_host[:batch], non_blocking=True)
-            self._positions[:batch].copy_(self._positions_host[:batch], non_blocking=True)
-            logits = self._run_decode(batch, kv_len)
-            nxt = self._sample(logits, temperature, top_p, generator).tolist()
+            launch = [i for i, s in enumerate(slots) if s is not None and can_launch(s)]
+            launched = self._launch_step(launch, slots, step_index, temperature, top_p, generator) if launch else None
+            step_index += 1
+            if pending is not None:
+                for slot, seq, tok in self._collect_step(pending):
+                    if seq.done:
+                        continue  # stopped at an earlier step: this token is the wasted one
+                    seq.completion.append(tok)
+                    self.stats.decode_tokens += 1
+                    if finished(seq):
+                        release(slot, seq)
             self.stats.decode_s += time.perf_counter() - t0
-            self.stats.decode_steps += 1
-            for i in live:
-                seq = slots[i]
-                seq.completion.append(nxt[i])
-                self.stats.decode_tokens += 1
-                if finished(seq):
-                    results[seq.index] = seq.completion
-                    slots[i] = None
+            pending = launched
+            if pending is None and not queue and all(s is None for s in slots):
+                break
         return [r if r is not None else [] for r in results]
+
+    def _launch_step(self, live: list[int], slots, step_index: int, temperature, top_p, generator):
+        """Enqueue one decode step for slots `live` (device-side input tokens); its sampled tokens land in
+        self._tokens and, asynchronously, in a pinned host buffer. Returns what _collect_step needs."""
+        batch = self._bucket(self._batch_buckets, live[-1] + 1)
+        buf = step_index % 2
+        positions = self._positions_host[buf]
+        positions[:batch] = 0  # idle slots inside the batch compute garbage at position 0 of their own rows
+        members = []
+        for i in live:
+            seq = slots[i]
+            positions[i] = seq.prompt_len + seq.launched
+            seq.launched += 1
+            members.append((i, seq))
+        kv_len = self._bucket(self._length_buckets, int(positions[:batch].max()) + 1)
+        self._positions[:batch].copy_(positions[:batch], non_blocking=True)
+        logits = self._run_decode(batch, kv_len)
+        nxt = self._sample(logits, temperature, top_p, generator)
+        self._tokens[:batch].copy_(nxt)
+        host = self._tokens_host[buf]
+        if self._events is not None:
+            host[:batch].copy_(nxt, non_blocking=True)
+            self._events[buf].record()
+        else:
+            host[:batch].copy_(nxt)
+        self.stats.decode_steps += 1
+        return buf, batch, members
+
+    def _collect_step(self, launched):
+        """Wait for a launched step's tokens: (slot, sequence, token) for each sequence it advanced."""
+        buf, batch, members = launched
+        if self._events is not None:
+            self._events[buf].synchronize()
+        tokens = self._tokens_host[buf][:batch].tolist()
+        return [(slot, seq, tokens[slot]) for slot, seq in members]

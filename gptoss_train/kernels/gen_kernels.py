@@ -1,0 +1,292 @@
+"""Fused Triton kernels for the gpt-oss decode step (one token per sequence), used inside the captured CUDA graph.
+
+Why: at batch 1 the decode step is launch-bound. The eager step issues ~62 small kernels per layer (norm casts, RoPE,
+cache index_put, the sink softmax pieces, the routing sort and its bookkeeping, bias/SwiGLU element-wise ops, the
+un-sort and top-k sum); inside a CUDA graph each still costs 2-5 us, ~3.5 ms of a 7.2 ms step. With these kernels a
+layer is 12 launches: QKV GEMM, `rope_kv_write`, `decode_attention`, O GEMM, `add_rms_norm`, router GEMM,
+`route_sort`, a row gather, two grouped GEMMs, `bias_swiglu` and `moe_combine_add_rms_norm` (which also applies the
+next layer's input norm, or the final norm).
+
+Numerics follow gen_model's eager decode step: every place the eager path rounds to the activation dtype (bias adds,
+the SwiGLU element-wise ops, score weighting, residual adds) is rounded here too, so the two paths differ only in
+reduction order and in attention (an online softmax in fp32 here; eager rounds the normalised probabilities to bf16).
+The eager step stays the reference and the fallback (CPU, prefill, shapes these kernels do not cover).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the eager decode step is used
+    triton = None
+
+# route_sort runs as one program over all (token, expert) pairs; past this many pairs the eager sort is used.
+MAX_FUSED_PAIRS = 512
+
+
+def available(device: torch.device) -> bool:
+    return triton is not None and device.type == "cuda"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_row(x, w_ptr, cols, mask, n, eps, out_ptr, row_off):
+        # GptOssRMSNorm: fp32 statistics, fp32 weight applied before the cast back.
+        var = tl.sum(tl.where(mask, x * x, 0.0), axis=0) / n
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        y = x * (1.0 / tl.sqrt(var + eps)) * w
+        tl.store(out_ptr + row_off + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _add_rms_norm_kernel(x_ptr, delta_ptr, w_ptr, x_out_ptr, h_out_ptr, n, eps,
+                             HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n
+        x = tl.load(x_ptr + row * n + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_DELTA:
+            d = tl.load(delta_ptr + row * n + cols, mask=mask, other=0.0).to(tl.float32)
+            x = (x + d).to(x_out_ptr.dtype.element_ty).to(tl.float32)  # the residual add rounds, as in eager
+            tl.store(x_out_ptr + row * n + cols, x.to(x_out_ptr.dtype.element_ty), mask=mask)
+        _rms_norm_row(x, w_ptr, cols, mask, n, eps, h_out_ptr, row * n)
+
+    @triton.jit
+    def _rope_kv_write_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
+                              cache_len, RING: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr):
+        b = tl.program_id(0).to(tl.int64)
+        head = tl.program_id(1)
+        d = tl.arange(0, D)
+        half: tl.constexpr = D // 2
+        rolled = (d + half) % D
+        pos = tl.load(pos_ptr + b)
+        cos = tl.load(cos_ptr + pos * D + d).to(tl.float32)
+        sin = tl.load(sin_ptr + pos * D + d).to(tl.float32)
+        row = qkv_ptr + b * ((H + 2 * HKV) * D)
+        x = tl.load(row + head * D + d).to(tl.float32)
+        xr = tl.load(row + head * D + rolled).to(tl.float32)
+        # eager: addcmul(x * cos2, roll(x), sin2): the first product rounds, the fused multiply-add rounds once.
+        rot = ((x * cos).to(q_out_ptr.dtype.element_ty).to(tl.float32) + xr * sin).to(q_out_ptr.dtype.element_ty)
+        if head < H:
+            tl.store(q_out_ptr + (b * H + head) * D + d, rot)
+        else:
+            kvh = head - H
+            slot_pos = pos
+            if RING:
+                slot_pos = pos % cache_len
+            dst = ((b * HKV + kvh) * cache_len + slot_pos) * D + d
+            tl.store(k_cache_ptr + dst, rot)
+            v = tl.load(row + (H + HKV + kvh) * D + d)
+            tl.store(v_cache_ptr + dst, v)
+
+    @triton.jit
+    def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, sinks_ptr, out_ptr, cache_len,
+                                 scale, KV_LEN: tl.constexpr, G: tl.constexpr, GB: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                                 BLOCK_L: tl.constexpr):
+        # One program per (sequence, kv head): its G query heads against the live keys, sink logit included in
+        # the softmax denominator (online softmax in fp32).
+        b = tl.program_id(0).to(tl.int64)
+        kvh = tl.program_id(1)
+        g = tl.arange(0, GB)
+        d = tl.arange(0, D)
+        gmask = g < G
+        heads = kvh * G + g
+        q = tl.load(q_ptr + (b * (HKV * G) + heads[:, None]) * D + d[None, :], mask=gmask[:, None], other=0.0)
+        pos = tl.load(pos_ptr + b)
+        m = tl.load(sinks_ptr + heads, mask=gmask, other=0.0).to(tl.float32)  # the sink is the first "key"
+        l_sum = tl.full([GB], 1.0, tl.float32)
+        acc = tl.zeros([GB, D], tl.float32)
+        base = (b * HKV + kvh) * cache_len * D
+        for start in range(0, KV_LEN, BLOCK_L):  # constexpr bound: one specialisation per KV-length bucket
+            keys = start + tl.arange(0, BLOCK_L)
+            valid = (keys < KV_LEN) & (keys <= pos)
+            k = tl.load(k_cache_ptr + base + keys[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k))  # [GB, BLOCK_L] fp32
+            # eager: q.K in the activation dtype, then the scale (a power of two: exact)
+            s = s.to(q_ptr.dtype.element_ty).to(tl.float32) * scale
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_sum = l_sum * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_cache_ptr + base + keys[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
+        out = acc / l_sum[:, None]
+        tl.store(out_ptr + (b * (HKV * G) + heads[:, None]) * D + d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=gmask[:, None])
+
+    @triton.jit
+    def _route_sort_kernel(logits_ptr, n_tokens, flat_e_ptr, flat_w_ptr, denom_ptr, scores_ptr, order_ptr,
+                           expert_ptr, token_ptr, inv_ptr, offs_ptr, E: tl.constexpr, EB: tl.constexpr,
+                           K: tl.constexpr, TB: tl.constexpr, PB: tl.constexpr, CHUNK: tl.constexpr):
+        # Phase 1: top-k per token (largest first, lowest index on ties) and the softmax over the k logits.
+        t = tl.arange(0, TB)
+        e = tl.arange(0, EB)
+        tmask = t < n_tokens
+        x = tl.load(logits_ptr + t[:, None] * E + e[None, :], mask=tmask[:, None] & (e[None, :] < E),
+                    other=float("-inf")).to(tl.float32)
+        top = tl.max(x, axis=1)
+        denom = tl.zeros([TB], tl.float32)
+        for j in tl.static_range(K):
+            m = tl.max(x, axis=1)
+            idx = tl.min(tl.where(x == m[:, None], e[None, :], EB), axis=1)
+            w = tl.exp(m - top)
+            denom += w
+            tl.store(flat_e_ptr + t * K + j, idx, mask=tmask)
+            tl.store(flat_w_ptr + t * K + j, w, mask=tmask)
+            x = tl.where(e[None, :] == idx[:, None], float("-inf"), x)
+        tl.store(denom_ptr + t, denom, mask=tmask)
+        tl.debug_barrier()
+        # Phase 2: stable counting sort of the pairs by expert (rank = pairs before it in (expert, index) order).
+        n_pairs = n_tokens * K
+        i = tl.arange(0, PB)
+        imask = i < n_pairs
+        ei = tl.load(flat_e_ptr + i, mask=imask, other=EB)
+        rank = tl.zeros([PB], tl.int32)
+        upto = tl.zeros([EB], tl.int32)
+        for c0 in range(0, PB, CHUNK):
+            j = c0 + tl.arange(0, CHUNK)
+            ej = tl.load(flat_e_ptr + j, mask=j < n_pairs, other=EB)
+            before = (ej[:, None] < ei[None, :]) | ((ej[:, None] == ei[None, :]) & (j[:, None] < i[None, :]))
+            rank += tl.sum(before.to(tl.int32), axis=0)
+            upto += tl.sum((ej[:, None] <= e[None, :]).to(tl.int32), axis=0)
+        tl.store(offs_ptr + e, upto, mask=e < E)
+        w = tl.load(flat_w_ptr + i, mask=imask, other=0.0)
+        den = tl.load(denom_ptr + i // K, mask=imask, other=1.0)
+        # the router softmax runs in the activation dtype in transformers: its output rounds
+        score = (w / den).to(scores_ptr.dtype.element_ty)
+        tl.store(scores_ptr + rank, score, mask=imask)
+        tl.store(order_ptr + rank, i.to(order_ptr.dtype.element_ty), mask=imask)
+        tl.store(expert_ptr + rank, ei.to(expert_ptr.dtype.element_ty), mask=imask)
+        tl.store(token_ptr + rank, (i // K).to(token_ptr.dtype.element_ty), mask=imask)
+        tl.store(inv_ptr + i, rank.to(inv_ptr.dtype.element_ty), mask=imask)
+
+    @triton.jit
+    def _bias_swiglu_kernel(gate_up_ptr, bias_ptr, expert_ptr, out_ptr, inter, alpha, limit, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < inter
+        ex = tl.load(expert_ptr + row).to(tl.int64)
+        dt = out_ptr.dtype.element_ty
+        # rows interleave gate (even) and up (odd); every eager op rounds to the activation dtype
+        gate = tl.load(gate_up_ptr + row * 2 * inter + 2 * cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(gate_up_ptr + row * 2 * inter + 2 * cols + 1, mask=mask, other=0.0).to(tl.float32)
+        gate = (gate + tl.load(bias_ptr + ex * 2 * inter + 2 * cols, mask=mask, other=0.0).to(tl.float32))
+        up = (up + tl.load(bias_ptr + ex * 2 * inter + 2 * cols + 1, mask=mask, other=0.0).to(tl.float32))
+        gate = tl.minimum(gate.to(dt).to(tl.float32), limit)
+        up = tl.minimum(tl.maximum(up.to(dt).to(tl.float32), -limit), limit)
+        sig = tl.sigmoid((gate * alpha).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        glu = (gate * sig).to(dt).to(tl.float32)
+        out = ((up + 1.0).to(dt).to(tl.float32) * glu).to(dt)
+        tl.store(out_ptr + row * inter + cols, out, mask=mask)
+
+    @triton.jit
+    def _moe_combine_kernel(x_ptr, pairs_ptr, bias_ptr, expert_ptr, scores_ptr, inv_ptr, w_ptr, x_out_ptr,
+                            h_out_ptr, n, eps, K: tl.constexpr, BLOCK: tl.constexpr):
+        # One token: sum_k score * (expert output + bias) in fp32, residual add, then the next RMSNorm.
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n
+        dt = x_out_ptr.dtype.element_ty
+        acc = tl.zeros([BLOCK], tl.float32)
+        for j in tl.static_range(K):
+            r = tl.load(inv_ptr + row * K + j).to(tl.int64)
+            ex = tl.load(expert_ptr + r).to(tl.int64)
+            s = tl.load(scores_ptr + r).to(tl.float32)
+            y = tl.load(pairs_ptr + r * n + cols, mask=mask, other=0.0).to(tl.float32)
+            y = (y + tl.load(bias_ptr + ex * n + cols, mask=mask, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+            acc += (y * s).to(dt).to(tl.float32)
+        x = tl.load(x_ptr + row * n + cols, mask=mask, other=0.0).to(tl.float32)
+        x = (x + acc.to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        tl.store(x_out_ptr + row * n + cols, x.to(dt), mask=mask)
+        _rms_norm_row(x, w_ptr, cols, mask, n, eps, h_out_ptr, row * n)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def add_rms_norm(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(x + delta, rms_norm(x + delta)) for rows of x [T, n]; with delta None, (x, rms_norm(x))."""
+    t, n = x.shape
+    h = torch.empty_like(x)
+    x_out = torch.empty_like(x) if delta is not None else x
+    _add_rms_norm_kernel[(t,)](x, delta if delta is not None else x, weight, x_out, h, n, eps,
+                               HAS_DELTA=delta is not None, BLOCK=_pow2(n), num_warps=8)
+    return x_out, h
+
+
+def rope_kv_write(qkv: Tensor, positions: Tensor, cos2: Tensor, sin2: Tensor, k_cache: Tensor, v_cache: Tensor,
+                  num_heads: int, ring: bool) -> Tensor:
+    """Rotate q and k of qkv [B, (H + 2 Hkv) * D]; write k, v into the cache rows of slots 0..B-1 at their
+    positions (modulo the ring length for sliding layers); return q [B, H, D]."""
+    batch = qkv.shape[0]
+    _, kv_heads, cache_len, head_dim = k_cache.shape
+    q = torch.empty(batch, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    _rope_kv_write_kernel[(batch, num_heads + kv_heads)](
+        qkv, positions, cos2, sin2, q, k_cache, v_cache, cache_len, RING=ring, H=num_heads, HKV=kv_heads, D=head_dim,
+        num_warps=1,
+    )
+    return q
+
+
+def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor, sinks: Tensor, scale: float,
+                     kv_len: int) -> Tensor:
+    """q [B, H, D] against cache rows 0..kv_len-1 of slots 0..B-1 (keys at index <= position); [B, H * D]."""
+    batch, heads, head_dim = q.shape
+    _, kv_heads, cache_len, _ = k_cache.shape
+    groups = heads // kv_heads
+    out = torch.empty(batch, heads * head_dim, dtype=q.dtype, device=q.device)
+    _decode_attention_kernel[(batch, kv_heads)](
+        q, k_cache, v_cache, positions, sinks, out, cache_len, scale, KV_LEN=kv_len, G=groups, GB=max(16, _pow2(groups)),
+        HKV=kv_heads, D=head_dim, BLOCK_L=64, num_warps=4,
+    )
+    return out
+
+
+def route_sort(logits: Tensor, top_k: int, dtype: torch.dtype):
+    """gen_model.route in one launch: (scores of sorted pairs, order, expert of each sorted pair, token of each
+    sorted pair, cumulative pair counts per expert [E] int32) plus inv (sorted row of each token's j-th pair)."""
+    tokens, experts = logits.shape
+    pairs = tokens * top_k
+    dev = logits.device
+    flat_e = torch.empty(pairs, dtype=torch.int32, device=dev)
+    flat_w = torch.empty(pairs, dtype=torch.float32, device=dev)
+    denom = torch.empty(tokens, dtype=torch.float32, device=dev)
+    scores = torch.empty(pairs, dtype=dtype, device=dev)
+    order = torch.empty(pairs, dtype=torch.long, device=dev)
+    expert = torch.empty(pairs, dtype=torch.long, device=dev)
+    token = torch.empty(pairs, dtype=torch.long, device=dev)
+    inv = torch.empty(pairs, dtype=torch.long, device=dev)
+    offs = torch.empty(experts, dtype=torch.int32, device=dev)
+    pb = max(16, _pow2(pairs))
+    _route_sort_kernel[(1,)](
+        logits, tokens, flat_e, flat_w, denom, scores, order, expert, token, inv, offs, E=experts,
+        EB=max(16, _pow2(experts)), K=top_k, TB=max(16, _pow2(tokens)), PB=pb, CHUNK=min(pb, 32), num_warps=4,
+    )
+    return scores, order, expert, token, offs, inv
+
+
+def bias_swiglu(gate_up: Tensor, bias: Tensor, expert_of_row: Tensor, alpha: float, limit: float) -> Tensor:
+    rows, two_inter = gate_up.shape
+    inter = two_inter // 2
+    out = torch.empty(rows, inter, dtype=gate_up.dtype, device=gate_up.device)
+    block = 1024
+    _bias_swiglu_kernel[(rows, triton.cdiv(inter, block))](
+        gate_up, bias, expert_of_row, out, inter, alpha, limit, BLOCK=block, num_warps=4)
+    return out
+
+
+def moe_combine_add_rms_norm(x: Tensor, pairs: Tensor, bias: Tensor, expert_of_row: Tensor, scores: Tensor,
+                             inv: Tensor, weight: Tensor, eps: float, top_k: int) -> tuple[Tensor, Tensor]:
+    """x + sum_k score * (pair output + bias) per token, and its RMSNorm."""
+    t, n = x.shape
+    x_out, h = torch.empty_like(x), torch.empty_like(x)
+    _moe_combine_kernel[(t,)](x, pairs, bias, expert_of_row, scores, inv, weight, x_out, h, n, eps, K=top_k,
+                              BLOCK=_pow2(n), num_warps=8)
+    return x_out, h

@@ -1,0 +1,87 @@
+"""The fused Triton decode step (gen_kernels) against the eager decode step, run by Triton's CPU interpreter.
+
+The interpreter must be switched on (TRITON_INTERPRET=1) before anything imports Triton, so the outer test re-runs
+this file in a subprocess with it set; the inner tests are skipped in the ordinary run. Skipped where Triton is not
+installed (CPU-only CI); on a GPU machine scripts/gpu_check_generate.py compares the two steps on the 20b shape.
+Locally: `pip install --target /tmp/tritonlib triton==3.6.0` and PYTHONPATH=/tmp/tritonlib.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptoss_train.kernels.gen_model import KVCache, collect_weights, decode_step, decode_step_fused, prefill
+
+from test_generation import PROMPTS, _tiny_model  # noqa: E402 (rootdir-relative test module)
+
+
+INNER = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.skipif(INNER, reason="this is the outer runner")
+def test_fused_kernels_under_the_triton_interpreter():
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(Path(__file__).resolve())],
+        env=env, cwd=root, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert "2 passed" in run.stdout
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    if not INNER:
+        pytest.skip("run by test_fused_kernels_under_the_triton_interpreter (needs TRITON_INTERPRET=1 from the start)")
+    pytest.importorskip("triton")
+    return importlib.import_module("gptoss_train.kernels.gen_kernels")
+
+
+def _prefilled(model, prompts, max_seq_len=48):
+    w = collect_weights(model, max_seq_len=max_seq_len)
+    cache = KVCache(w, slots=len(prompts), max_seq_len=max_seq_len)
+    first = prefill(w, cache, prompts, list(range(len(prompts))), use_grouped=True).argmax(-1)
+    return w, cache, first
+
+
+def test_route_sort_matches_eager_routing(kernels):
+    from gptoss_train.kernels.gen_model import route
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 32)
+    scores, order, expert, token, offs, inv = kernels.route_sort(logits, 4, torch.float32)
+    ref_scores, ref_order, ref_expert, ref_token, ref_offs = route(logits, 4, 32)
+    assert torch.equal(order, ref_order) and torch.equal(expert, ref_expert) and torch.equal(token, ref_token)
+    assert torch.equal(offs, ref_offs)
+    assert torch.allclose(scores, ref_scores, atol=1e-6)
+    assert torch.equal(order[inv], torch.arange(20))  # inv is the inverse permutation
+
+
+def test_fused_step_matches_eager_step_across_the_window(kernels):
+    # Two slots at different positions; 12 steps take both past the sliding window (8): the ring wraps.
+    model = _tiny_model()
+    prompts = [PROMPTS[0], PROMPTS[1]]
+    w, cache_a, first = _prefilled(model, prompts)
+    _, cache_b, _ = _prefilled(model, prompts)
+    tokens = first.clone()
+    positions = torch.tensor([len(p) for p in prompts])
+    for _ in range(12):
+        kv_len = 32
+        ref = decode_step(w, cache_a, tokens, positions, kv_len, use_grouped=True)
+        got = decode_step_fused(w, cache_b, tokens, positions, kv_len, use_grouped=True)
+        assert float((got - ref).norm() / ref.norm()) < 1e-4
+        assert torch.equal(got.argmax(-1), ref.argmax(-1))
+        for li in range(len(w.layers)):
+            assert torch.allclose(cache_a.k[li], cache_b.k[li], atol=1e-5)
+            assert torch.allclose(cache_a.v[li], cache_b.v[li], atol=1e-5)
+        tokens = ref.argmax(-1)
+        positions = positions + 1
