@@ -9,11 +9,13 @@ Same random gpt-oss-20b-shaped model and the same batches for both paths (4 x 20
   hf       transformers eager attention + grouped_mm experts, PEFT LoRA on attention + experts of layers 7/15/23
            (the HF recipe), dense bf16 experts decoded from the MXFP4 bytes, gradient checkpointing.
   fast     gptoss_train.kernels.enable_fast_training on the same model, experts now MXFP4-resident (the dense copy
-           is freed), each recompute choice measured; then LoRA on all experts.
+           is freed), recompute=layer, decoder layers compiled (the default on CUDA); a torch.profiler table of it.
+  fast_eager   the same with the decoder layers left eager (the pieces alone: A/B for the compiled layers).
+  recompute    the other recompute choices; all_experts: LoRA on every expert.
   long     largest sequence (16K/32K/64K, batch 1) that trains, all-expert LoRA.
   120b     120b-shaped model, MXFP4 experts resident, LoRA on attention + all experts: does a step fit on the card?
 Reported per row: tokens/s, useful-FLOP utilisation (4 x active params per token, against a bf16 matmul measured in
-this run) and peak allocated memory. Weights are random: throughput and memory do not depend on their values.
+this run), peak allocated memory, and the peak up to the loss (forward + CE) of one extra step. Weights are random: throughput and memory do not depend on their values.
 A JSON line per measurement goes to --out/results.jsonl; a torch.profiler table of one fast step to profile_fast.txt.
 """
 
@@ -152,8 +154,8 @@ def matmul_tflops(device, size: int = 8192, reps: int = 10) -> float:
     return 2 * size**3 * reps / (start.elapsed_time(end) / 1e3) / 1e12
 
 
-def train_steps(model, batch, *, steps: int, warmup: int, profile_to: Path | None = None) -> tuple[float, float, float]:
-    """(seconds per step, peak GiB, last loss) for `steps` optimizer steps after `warmup` ones."""
+def train_steps(model, batch, *, steps: int, warmup: int, profile_to: Path | None = None):
+    """(seconds per step, peak GiB, last loss, peak GiB up to the loss) for `steps` steps after `warmup` ones."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     model.train()
@@ -180,6 +182,14 @@ def train_steps(model, batch, *, steps: int, warmup: int, profile_to: Path | Non
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    forward_peak = float("nan")
+    if cuda:  # where the peak sits: up to the loss (forward + CE) or in backward
+        torch.cuda.reset_peak_memory_stats()
+        out = model(input_ids=batch, labels=batch)
+        forward_peak = torch.cuda.max_memory_allocated() / 2**30
+        out.loss.backward()
+        optimizer.zero_grad(set_to_none=True)
+        del out
     if profile_to is not None and cuda:
         from torch.profiler import ProfilerActivity, profile
 
@@ -188,7 +198,7 @@ def train_steps(model, batch, *, steps: int, warmup: int, profile_to: Path | Non
             torch.cuda.synchronize()
         profile_to.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
     del optimizer
-    return seconds, peak, float(loss)
+    return seconds, peak, float(loss), forward_peak
 
 
 class Report:
@@ -207,11 +217,12 @@ class Report:
         print("RESULT", json.dumps(row), flush=True)
 
     def table(self) -> str:
-        lines = [f"{'run':<44} {'tok/s':>8} {'util':>6} {'peak GiB':>9} {'loss':>7}"]
+        lines = [f"{'run':<52} {'tok/s':>8} {'util':>6} {'peak GiB':>9} {'fwd GiB':>8} {'loss':>7} {'wall s':>7}"]
         for r in self.rows:
             if "tokens_per_s" in r:
-                lines.append(f"{r['run']:<44} {r['tokens_per_s']:>8.0f} {r['utilisation']:>6.1%} "
-                             f"{r['peak_gib']:>9.1f} {r.get('loss', float('nan')):>7.3f}")
+                lines.append(f"{r['run']:<52} {r['tokens_per_s']:>8.0f} {r['utilisation']:>6.1%} "
+                             f"{r['peak_gib']:>9.2f} {r.get('forward_peak_gib', float('nan')):>8.2f} "
+                             f"{r.get('loss', float('nan')):>7.3f} {r.get('wall_s', float('nan')):>7.1f}")
             else:
                 lines.append(f"{r['run']:<44} {r.get('status', '')}")
         return "\n".join(lines)
@@ -227,9 +238,12 @@ def _free(*objects):
 
 def _try_step(report: Report, run: str, model, batch, flops_per_token: float | None = None, **kwargs):
     try:
-        seconds, peak, loss = train_steps(model, batch, **kwargs)
+        start = time.perf_counter()
+        seconds, peak, loss, forward_peak = train_steps(model, batch, **kwargs)
+        from gptoss_train.kernels import compile_failure
         report.add(run=run, tokens=batch.numel(), seconds=seconds, peak_gib=peak, loss=loss,
-                   flops_per_token=flops_per_token)
+                   forward_peak_gib=forward_peak, wall_s=time.perf_counter() - start,
+                   compile_failure=compile_failure(), flops_per_token=flops_per_token)
         return True
     except torch.OutOfMemoryError as err:
         report.add(run=run, status=f"out of memory ({str(err).splitlines()[0][:120]})")
@@ -247,8 +261,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=4, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens there)")
-    parser.add_argument("--phases", default="hf,fast,recompute,all_experts,long,120b",
-                        help="comma list of: hf, fast, recompute, all_experts, long, 120b")
+    parser.add_argument("--phases", default="hf,fast,fast_eager,recompute,all_experts,long,120b",
+                        help="comma list of: hf, fast, fast_eager, recompute, all_experts, long, 120b")
+    parser.add_argument("--decode-piece-mib", type=int, default=None,
+                        help="largest transient bf16 piece of a decoded MXFP4 expert stack (default: the kernels')")
     parser.add_argument("--long-seqs", default="16384,32768,65536")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench_out")))
     args = parser.parse_args(argv)
@@ -286,13 +302,23 @@ def main(argv=None) -> int:
         _try_step(report, f"HF eager + {experts_impl} experts, LoRA L7/15/23", model, batch,
                   steps=args.steps, warmup=args.warmup)
 
-    if phases & {"fast", "recompute", "all_experts", "long"}:
+    if args.decode_piece_mib is not None:
+        from gptoss_train.kernels import moe
+        moe.DECODE_PIECE_BYTES = args.decode_piece_mib * 2**20
+    if phases & {"fast", "fast_eager", "recompute", "all_experts", "long"}:
         make_mxfp4_resident(model, stored, device)
         description = enable_fast_training(model, recompute="layer", force=device != "cuda")
         print(description, flush=True)
         if "fast" in phases:
             _try_step(report, "ours MXFP4, LoRA L7/15/23, recompute=layer", model, batch, steps=args.steps,
                       warmup=args.warmup, profile_to=args.out / "profile_fast.txt")
+        if "fast_eager" in phases:
+            from gptoss_train.kernels.layer import install_compiled_layers, remove_compiled_layers
+            compiled = remove_compiled_layers(model)
+            _try_step(report, "ours MXFP4, LoRA L7/15/23, recompute=layer, eager layers", model, batch,
+                      steps=args.steps, warmup=1, profile_to=args.out / "profile_fast_eager.txt")
+            if compiled:
+                install_compiled_layers(model)
         if "recompute" in phases:
             for choice in ("experts", "attention", "none"):
                 install_recompute(model, choice)

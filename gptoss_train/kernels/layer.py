@@ -116,3 +116,15 @@ def install_compiled_layers(model, backend: str = "inductor") -> int:
         module.forward = functools.partial(_compiled_layer_forward, module, eager, backend)
         switched += 1
     return switched
+
+
+def remove_compiled_layers(model) -> int:
+    """Undo ``install_compiled_layers`` (transformers' eager layer forward again); returns how many were restored."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    restored = 0
+    for module in base.modules():
+        eager = module.__dict__.pop("_forward_before_compile", None)
+        if eager is not None:
+            module.forward = eager
+            restored += 1
+    return restored
