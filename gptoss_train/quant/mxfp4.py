@@ -23,8 +23,11 @@ gguf-py encodes with a float ``log2`` that is wrong a few ulps below powers of t
   scale unless a new value would round beyond ±6 at that scale (|v| >= 7·2^s); only those blocks get a new scale.
   Re-choosing every scale from the new amax is unstable (DESIGN.md §1.3).
 
-Everything is vectorised torch, processed in chunks of ``chunk_elements`` so the extra memory is bounded whatever the
-tensor size (a 120b expert stack is 128 × 5760 × 2880), and runs on CPU and CUDA alike.
+Three implementations give the same bits (tested): ``eager`` (vectorised torch, processed in chunks of
+``chunk_elements`` so the extra memory is bounded whatever the tensor size; the reference), ``compiled`` (the same
+arithmetic through torch.compile: triton on CUDA) and ``native`` (a small C kernel, CPU only, built on first use with
+the system compiler: ``mxfp4_native``). ``kernel=None`` picks native on CPU when it builds, compiled for large CUDA
+tensors, eager otherwise.
 """
 
 from __future__ import annotations
@@ -32,9 +35,13 @@ from __future__ import annotations
 import functools
 import math
 import os
+import sys
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
+
+from gptoss_train.quant import mxfp4_native
 
 BLOCK_SIZE = 32
 BYTES_PER_BLOCK = BLOCK_SIZE // 2
@@ -42,6 +49,7 @@ SCALE_BIAS = 127
 # E2M1 code -> value; code 8 is -0.0 (formats.md §2.1).
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 RULES = ("best", "ocp", "noclip")
+KERNELS = ("eager", "compiled", "native")
 
 # A value rounds beyond ±6 (would need code "8.0") once |y| >= 7: the midpoint between 6 and the next grid point 8.
 _KEEP_SCALE_LIMIT = 7.0
@@ -52,6 +60,8 @@ _DEFAULT_CHUNK_CUDA = 1 << 27
 # CPU); below it the one-off compile (10-40 s) does not pay. GPTOSS_MXFP4_COMPILE=0 turns it off, =1 forces it.
 _COMPILE_MIN_ELEMENTS = 1 << 26
 _compile_failed: set[str] = set()
+# blocks per native call: 1M elements, a few MB in and out (cache-sized), and enough calls to balance the threads
+_NATIVE_CHUNK_BLOCKS = 1 << 15
 
 
 class MXFP4Error(ValueError):
@@ -99,14 +109,14 @@ def decode(
     dtype: torch.dtype = torch.bfloat16,
     transpose: bool = False,
     chunk_elements: int | None = None,
-    compile: bool | None = None,
+    kernel: str | None = None,
 ) -> torch.Tensor:
     """Dequantize ``blocks [..., G, 16]`` + ``scales [..., G]`` to ``[..., G*32]`` (HF ``[E, out, in]``).
 
     ``transpose=True`` swaps the last two dimensions (``[E, in, out]``: transformers' dense ``GptOssExperts`` layout,
     ``gate_up_proj [E, H, 2I]`` / ``down_proj [E, I, H]``). Any float ``dtype``; bfloat16/float16/float32 go through
-    a packed-pair table (2 output elements per gather), others are decoded in float32 and cast. ``compile``: use
-    the torch.compile'd kernel (same bits; None = for large inputs, see ``_COMPILE_MIN_ELEMENTS``).
+    a packed-pair table (2 output elements per gather), others are decoded in float32 and cast. ``kernel``: one of
+    ``KERNELS`` (same bits; None = native on CPU, compiled for large CUDA inputs, see ``_COMPILE_MIN_ELEMENTS``).
     """
     _check_codes(blocks, scales)
     if not dtype.is_floating_point:
@@ -125,7 +135,11 @@ def decode(
     rows_total = math.prod(prefix)
     rows_per_chunk = max(1, chunk // cols)
     # on CPU the eager pair-table gather is already faster than inductor's code: compile decode for CUDA only
-    compiled = table_dtype == dtype and (compile if compile is not None else blocks.is_cuda and _use_compiled(None, rows_total * cols))
+    kernel = _pick_kernel(kernel, blocks.device, rows_total * cols, compile_on_cpu=False)
+    native = _native_library(blocks.device) if kernel == "native" and table_dtype == dtype else None
+    compiled = kernel == "compiled" and table_dtype == dtype
+    if native is not None:
+        return _decode_native(native, blocks, scales, table, dtype, transpose, _native_blocks_per_call(chunk_elements))
     if transpose:
         rows_per_chunk = min(rows_per_chunk, prefix[-1])
     flat_blocks = blocks.reshape(rows_total, groups, BYTES_PER_BLOCK)
@@ -161,6 +175,84 @@ def decode(
     if transpose:
         return out_t.view(*prefix[:-1], cols, prefix[-1])
     return out
+
+
+def _pick_kernel(requested: str | None, device: torch.device, numel: int, *, compile_on_cpu: bool) -> str:
+    # GPTOSS_MXFP4_KERNEL=eager|compiled|native sets the default (debugging, and the tests run every path through it)
+    requested = requested or os.environ.get("GPTOSS_MXFP4_KERNEL") or None
+    if requested is not None:
+        if requested not in KERNELS:
+            raise MXFP4Error(f"unknown MXFP4 kernel {requested!r}; choose one of {', '.join(KERNELS)}")
+        if requested == "native" and _native_library(device) is None:
+            raise MXFP4Error(
+                "the native MXFP4 kernel is unavailable (CPU tensors only, needs a C compiler; GPTOSS_MXFP4_NATIVE=0 turns"
+                " it off): pass kernel=None to fall back automatically"
+            )
+        return requested
+    if os.environ.get("GPTOSS_MXFP4_COMPILE", "") == "1":
+        return "compiled"
+    if _native_library(device) is not None:
+        return "native"
+    if (device.type == "cuda" or compile_on_cpu) and _use_compiled(None, numel):
+        return "compiled"
+    return "eager"
+
+
+def _native_blocks_per_call(chunk_elements: int | None) -> int:
+    return max(1, chunk_elements // BLOCK_SIZE) if chunk_elements else _NATIVE_CHUNK_BLOCKS
+
+
+def _native_library(device: torch.device):
+    if device.type != "cpu" or sys.byteorder != "little":  # the kernel reads bf16 pairs as little-endian words
+        return None
+    return mxfp4_native.load()
+
+
+def _in_threads(n_items: int, per_call: int, work) -> None:
+    """``work(start, stop)`` over ``[0, n_items)`` in pieces, on torch's intra-op thread count.
+
+    Python threads rather than OpenMP: the native calls release the GIL, and a shared queue of small pieces keeps
+    both cores busy when one of them is also serving another process (a static OpenMP split waits for the slower)."""
+    pieces = [(start, min(start + per_call, n_items)) for start in range(0, n_items, per_call)]
+    threads = min(torch.get_num_threads(), len(pieces))
+    if threads <= 1:
+        for start, stop in pieces:
+            work(start, stop)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="mxfp4") as pool:
+        for future in [pool.submit(work, start, stop) for start, stop in pieces]:
+            future.result()
+
+
+def _decode_native(library, blocks: torch.Tensor, scales: torch.Tensor, table: torch.Tensor, dtype: torch.dtype,
+                   transpose: bool, blocks_per_call: int) -> torch.Tensor:
+    """Decode through the C kernel: every byte becomes its table entry (both elements) in one pass."""
+    *prefix, groups, _ = blocks.shape
+    cols = groups * BLOCK_SIZE
+    flat_blocks = blocks.reshape(-1, BYTES_PER_BLOCK).contiguous()
+    flat_scales = scales.reshape(-1).contiguous()
+    decode_pairs = library.mxfp4_decode_u32 if table.element_size() == 4 else library.mxfp4_decode_u64
+
+    def run(target: torch.Tensor, first_block: int, n_blocks: int) -> None:
+        def work(start: int, stop: int) -> None:
+            decode_pairs(flat_blocks[first_block + start].data_ptr(), flat_scales[first_block + start].data_ptr(),
+                         table.data_ptr(), target.data_ptr() + start * BLOCK_SIZE * target.element_size(), stop - start)
+
+        _in_threads(n_blocks, blocks_per_call, work)
+
+    if not transpose:
+        out = torch.empty(*prefix, cols, dtype=dtype, device=blocks.device)
+        run(out, 0, flat_scales.numel())
+        return out
+    # [matrices, in, out]: decode one matrix at a time, then write it transposed
+    rows = prefix[-1]
+    matrices = math.prod(prefix[:-1])
+    out_t = torch.empty(matrices, cols, rows, dtype=dtype, device=blocks.device)
+    staging = torch.empty(rows, cols, dtype=dtype, device=blocks.device)
+    for m in range(matrices):
+        run(staging, m * rows * groups, rows * groups)
+        out_t[m].copy_(staging.t())
+    return out_t.view(*prefix[:-1], cols, rows)
 
 
 @functools.lru_cache(maxsize=None)
@@ -214,15 +306,16 @@ def encode(
     rule: str = "best",
     keep_scales: torch.Tensor | None = None,
     chunk_elements: int | None = None,
-    compile: bool | None = None,
+    kernel: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x [..., K]`` (K a multiple of 32) along the last dim to ``(blocks [..., K/32, 16], scales [..., K/32])``.
 
     ``x`` is read as float32 (bf16/fp16 exactly; float64 is rounded to float32 first). ``rule`` picks the scale for
     each block (module docstring). ``keep_scales`` (uint8 ``[..., K/32]``, e.g. the scales the weights were decoded
     from) keeps each block's scale unless a new value would round beyond ±6 at it; such blocks use ``rule``.
-    To encode a transformers dense expert (``[E, in, out]``), pass ``w.transpose(-1, -2)``. ``compile``: use the
-    torch.compile'd kernel (identical output; None = for large inputs without ``keep_scales``).
+    To encode a transformers dense expert (``[E, in, out]``), pass ``w.transpose(-1, -2)``. ``kernel``: one of
+    ``KERNELS`` (identical output; None = native on CPU, else compiled for large inputs; ``keep_scales`` always runs
+    eager).
     """
     if rule not in RULES:
         raise MXFP4Error(f"unknown MXFP4 scale rule {rule!r}; choose one of {', '.join(RULES)}")
@@ -244,7 +337,12 @@ def encode(
     scales = torch.empty(n_blocks, dtype=torch.uint8, device=device)
     x_blocks = x.reshape(n_blocks, BLOCK_SIZE)
     per_chunk = max(1, (chunk_elements or _default_chunk(device)) // BLOCK_SIZE)
-    compiled = keep_scales is None and _use_compiled(compile, n_blocks * BLOCK_SIZE)
+    kernel = "eager" if keep_scales is not None else _pick_kernel(kernel, device, n_blocks * BLOCK_SIZE, compile_on_cpu=True)
+    if kernel == "native" and n_blocks:
+        _encode_native(_native_library(device), x_blocks, rule, blocks, scales, (*prefix, cols),
+                       _native_blocks_per_call(chunk_elements))
+        return blocks.view(*prefix, groups, BYTES_PER_BLOCK), scales.view(*prefix, groups)
+    compiled = kernel == "compiled"
     for b0 in range(0, n_blocks, per_chunk):
         b1 = min(b0 + per_chunk, n_blocks)
         result = None
@@ -266,6 +364,32 @@ def encode(
         blocks[b0:b1] = packed
         scales[b0:b1] = chosen
     return blocks.view(*prefix, groups, BYTES_PER_BLOCK), scales.view(*prefix, groups)
+
+
+def _encode_native(library, x_blocks: torch.Tensor, rule: str, blocks: torch.Tensor, scales: torch.Tensor,
+                   shape: tuple[int, ...], blocks_per_call: int) -> None:
+    """Encode ``x_blocks [n, 32]`` into ``blocks``/``scales`` through the C kernel; near-tie ``best`` blocks are redone
+    by the reference code (the kernel sums errors in a different order and flags them)."""
+    if x_blocks.dtype not in (torch.bfloat16, torch.float32):
+        x_blocks = x_blocks.to(torch.float32)  # fp16 exactly, float64 rounded once: what the reference reads
+    x_blocks = x_blocks.contiguous()
+    n_blocks = x_blocks.shape[0]
+    amax_bits = torch.empty(n_blocks, dtype=torch.int32)
+    ambiguous = torch.empty(n_blocks, dtype=torch.bool)
+    encode_blocks = library.mxfp4_encode_bf16 if x_blocks.dtype == torch.bfloat16 else library.mxfp4_encode_f32
+    rule_code = mxfp4_native.rule_code(rule)
+    row_bytes = x_blocks.stride(0) * x_blocks.element_size()
+
+    def work(start: int, stop: int) -> None:
+        encode_blocks(x_blocks.data_ptr() + start * row_bytes, rule_code, blocks[start].data_ptr(),
+                      scales[start:].data_ptr(), amax_bits[start:].data_ptr(), ambiguous[start:].data_ptr(), stop - start)
+
+    _in_threads(n_blocks, blocks_per_call, work)
+    _check_finite(amax_bits, 0, shape)
+    redo = torch.nonzero(ambiguous).squeeze(-1)
+    if redo.numel():
+        fixed_packed, fixed_scales, _ = _encode_eager(x_blocks.index_select(0, redo), rule, None)
+        blocks[redo], scales[redo] = fixed_packed, fixed_scales
 
 
 def _check_finite(amax_bits: torch.Tensor, first_block: int, shape: tuple[int, ...]) -> None:

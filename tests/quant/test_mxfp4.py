@@ -295,8 +295,8 @@ def test_compiled_encode_is_bit_identical_to_eager(rule):
     x[-1, 3] = -0.0
     values = decode(*encode(x), dtype=torch.float32)  # exactly representable blocks: many error ties in `best`
     for data in (x, values, x.bfloat16()):
-        eager = encode(data, rule=rule, compile=False, chunk_elements=32 * 512)
-        compiled = encode(data, rule=rule, compile=True, chunk_elements=32 * 512)
+        eager = encode(data, rule=rule, kernel="eager", chunk_elements=32 * 512)
+        compiled = encode(data, rule=rule, kernel="compiled", chunk_elements=32 * 512)
         assert torch.equal(compiled[0], eager[0]) and torch.equal(compiled[1], eager[1])
     assert not mxfp4._compile_failed
 
@@ -307,7 +307,7 @@ def test_compiled_decode_is_bit_identical_to_eager(dtype):
     blocks, scales = _all_codes_and_scales()
     blocks = torch.cat([blocks, torch.randint(0, 256, (1, 16, 16), dtype=torch.uint8)])
     scales = torch.cat([scales, torch.full((1, 16), 255, dtype=torch.uint8)])
-    eager = decode(blocks, scales, dtype=dtype, compile=False, chunk_elements=512)
-    compiled = decode(blocks, scales, dtype=dtype, compile=True, chunk_elements=512)
+    eager = decode(blocks, scales, dtype=dtype, kernel="eager", chunk_elements=512)
+    compiled = decode(blocks, scales, dtype=dtype, kernel="compiled", chunk_elements=512)
     assert torch.equal(_bits(compiled), _bits(eager))
     assert not mxfp4._compile_failed
