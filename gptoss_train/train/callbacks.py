@@ -118,6 +118,39 @@ class LossCurveCallback(TrainerCallback):
             write_loss_curve(loss_curve(state.log_history), self.out_dir)
 
 
+class ThroughputCallback(TrainerCallback):
+    """Records (seconds, tokens seen) at every step end, so the run summary can leave out the warm-up steps.
+
+    The first steps of a GPU run include torch.compile / autotuning (26 s for step 1 of the 20b FSDP2 run), so an
+    average over the whole run understates the rate a long run reaches.
+    """
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.marks: list[tuple[int, float, int]] = []  # (global step, perf_counter, tokens seen by this process)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.marks = [(state.global_step, time.perf_counter(), self.trainer.tokens_seen)]
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.marks.append((state.global_step, time.perf_counter(), self.trainer.tokens_seen))
+
+    def steady_rate(self, warmup_steps: int | None = None) -> tuple[float, int, int] | None:
+        """Tokens/s of this process over the steps after the warm-up: (rate, first step, last step), or None.
+
+        Default warm-up: a tenth of the steps run, at least 1 and at most 20.
+        """
+        if len(self.marks) < 3:
+            return None
+        run = len(self.marks) - 1
+        skip = warmup_steps if warmup_steps is not None else min(20, max(1, run // 10))
+        skip = min(skip, run - 1)
+        (step0, t0, tok0), (step1, t1, tok1) = self.marks[skip], self.marks[-1]
+        if t1 <= t0:
+            return None
+        return (tok1 - tok0) / (t1 - t0), step0 + 1, step1
+
+
 class RichProgressCallback(TrainerCallback):
     """One rich progress bar: step, loss, tokens/s (this process, non-pad tokens), ETA."""
 
@@ -128,6 +161,8 @@ class RichProgressCallback(TrainerCallback):
         self.start_tokens = 0
         self.start_time = 0.0
         self.last_loss = float("nan")
+        self.last_rate = 0.0
+        self.window_start = (0.0, 0)
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
@@ -143,10 +178,13 @@ class RichProgressCallback(TrainerCallback):
                                            loss=float("nan"), tps=0.0)
         self.start_tokens = self.trainer.tokens_seen
         self.start_time = time.perf_counter()
+        self.window_start = (self.start_time, self.start_tokens)
 
     def tokens_per_second(self) -> float:
-        elapsed = time.perf_counter() - self.start_time
-        return (self.trainer.tokens_seen - self.start_tokens) / elapsed if elapsed > 0 else 0.0
+        """Rate since the previous log line (a whole-run average would carry the first steps' compile time)."""
+        since, tokens = self.window_start
+        elapsed = time.perf_counter() - since
+        return (self.trainer.tokens_seen - tokens) / elapsed if elapsed > 0 else 0.0
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
@@ -157,14 +195,16 @@ class RichProgressCallback(TrainerCallback):
                 elapsed = time.perf_counter() - self.start_time
                 print(f"step {state.global_step}/{state.max_steps}  loss {self.last_loss:.4f}  "
                       f"{self.tokens_per_second():,.0f} tok/s  {elapsed:.0f} s", flush=True)
+            self.last_rate = self.tokens_per_second()
+            self.window_start = (time.perf_counter(), self.trainer.tokens_seen)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.progress is not None:
             self.progress.update(self.task, completed=state.global_step, loss=self.last_loss,
-                                 tps=self.tokens_per_second())
+                                 tps=self.last_rate or self.tokens_per_second())
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.progress is not None:
-            self.progress.update(self.task, completed=state.global_step, tps=self.tokens_per_second())
+            self.progress.update(self.task, completed=state.global_step, tps=self.last_rate or self.tokens_per_second())
             self.progress.stop()
             self.progress = None

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from gptoss_train.train.callbacks import LossCurveCallback, RichProgressCallback
+from gptoss_train.train.callbacks import LossCurveCallback, RichProgressCallback, ThroughputCallback
 from gptoss_train.train.config import ConfigError, SFTConfig, save_config
 
 log = logging.getLogger("gptoss_train.train")
@@ -261,6 +261,7 @@ def build_trainer(cfg: SFTConfig, model, train_dataset, *, full: bool, eval_data
 
         trainer.remove_callback(PrinterCallback)  # the bar shows the loss; raw log dicts would scroll it away
         trainer.add_callback(RichProgressCallback(trainer))
+    trainer.add_callback(ThroughputCallback(trainer))
     return trainer
 
 
@@ -322,10 +323,19 @@ def save_merged(cfg: SFTConfig, adapter_dir: Path) -> Path:
 
 
 def run_summary(trainer, result, seconds: float) -> str:
-    """One line for logs and benchmarks: steps, time, tokens/s (non-pad tokens, all ranks), peak GPU memory."""
-    tokens = trainer.tokens_seen * trainer.accelerator.num_processes  # every rank sees its own batches
-    line = (f"trained {result.global_step} steps in {seconds:.1f} s; final loss {result.training_loss:.4f}; "
+    """One line for logs and benchmarks: steps, time, mean loss, tokens/s (non-pad tokens, all ranks) over the whole
+    run and after the warm-up steps (compilation), peak GPU memory."""
+    ranks = trainer.accelerator.num_processes  # every rank sees its own batches
+    tokens = trainer.tokens_seen * ranks
+    line = (f"trained {result.global_step} steps in {seconds:.1f} s; mean loss {result.training_loss:.4f}; "
             f"{tokens / max(seconds, 1e-9):,.0f} tokens/s")
+    meter = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, ThroughputCallback)), None)
+    steady = meter.steady_rate() if meter is not None else None
+    if steady is not None:
+        rate, first, last = steady
+        line += f" ({rate * ranks:,.0f} tokens/s over steps {first}-{last}, after the warm-up)"
+    if ranks > 1:
+        line += f", all {ranks} ranks"
     if torch.cuda.is_available():
         line += f"; peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB (rank 0)"
     return line

@@ -130,3 +130,30 @@ def test_fsdp_gets_uniform_parameter_dtypes(tiny_lora_cfg, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     uniform = {p.dtype for p in model_setup.load_base_model(tiny_lora_cfg, device="cpu").parameters()}
     assert uniform == {torch.bfloat16}
+
+
+def test_throughput_meter_leaves_out_the_warm_up_steps():
+    from types import SimpleNamespace
+
+    from gptoss_train.train.callbacks import ThroughputCallback
+
+    trainer = SimpleNamespace(tokens_seen=0)
+    meter = ThroughputCallback(trainer)
+    meter.marks = [(0, 0.0, 0), (1, 30.0, 1000)]  # step 1: 30 s of compilation
+    for step in range(2, 12):
+        meter.marks.append((step, 30.0 + (step - 1) * 0.5, 1000 * step))  # then 1000 tokens every 0.5 s
+    rate, first, last = meter.steady_rate()
+    assert (first, last) == (2, 11)
+    assert rate == pytest.approx(2000.0)
+    assert meter.steady_rate(warmup_steps=0)[0] == pytest.approx(11000 / 35.0)
+    assert ThroughputCallback(trainer).steady_rate() is None  # nothing recorded yet
+
+
+def test_run_summary_names_the_mean_loss_and_the_steady_rate(tiny_lora_cfg):
+    tiny_lora_cfg.train.steps = 3
+    model = _lora_model(tiny_lora_cfg)
+    trainer = trainer_mod.build_trainer(tiny_lora_cfg, model, build_dataset(tiny_lora_cfg.data), full=False)
+    result = trainer.train()
+    line = trainer_mod.run_summary(trainer, result, 1.0)
+    assert line.startswith("trained 3 steps in 1.0 s; mean loss ")
+    assert "tokens/s over steps 2-3, after the warm-up" in line
