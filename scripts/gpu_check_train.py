@@ -144,6 +144,10 @@ def main(argv=None) -> int:
         failures.append("decode")
 
     # Packed documents: two examples in one row (positions restart) vs each alone, through the flex block mask.
+    # The compiled layers take the same eagerly built BlockMask as input; they are removed here only because
+    # every new length (and no-grad) would be one more compilation on the device's clock.
+    from gptoss_train.kernels.layer import remove_compiled_layers
+    remove_compiled_layers(model)
     with torch.no_grad():
         split = args.seq * 5 // 8
         first, second = ids[0:1, :split], ids[1:2, : args.seq - split]
