@@ -41,12 +41,20 @@ PRESETS = {
 }
 
 
-def build_random_model(preset: str, device: str, dtype: torch.dtype, seed: int = 0, embed_std: float | None = None):
+def build_random_model(
+    preset: str, device: str, dtype: torch.dtype, seed: int = 0, embed_std: float | None = None,
+    router_scale: float | None = None, tied_head: float | None = None,
+):
     """A randomly initialised GptOssForCausalLM of the preset's shape, built directly on `device` in `dtype`.
 
     embed_std rescales the token embeddings. With transformers' init (std 0.02) every layer adds O(1) outputs to a
     0.02-sized token signal, so logits hinge on bf16 rounding of large common terms (see gpu_check_generate.py);
-    a larger embedding keeps the token identity dominant and the greedy path well-conditioned."""
+    a larger embedding keeps the token identity dominant.
+    router_scale multiplies the router weights: routing then rests mostly on the (random) router bias, so bf16 noise
+    in the hidden state rarely flips an expert choice (a flip swaps a quarter of a layer's MLP output).
+    tied_head adds tied_head * 0.02 * embedding[perm[v]] to lm_head row v (perm a fixed random permutation): the model
+    then favours the token v with perm[v] == current token by a clear margin (a confident model) instead of the flat
+    logits of an untrained one. With embed_std 1 the margin is ~40 * tied_head logits."""
     from transformers import GptOssConfig, GptOssForCausalLM
 
     config = GptOssConfig(vocab_size=201088, **PRESETS[preset])
@@ -66,6 +74,18 @@ def build_random_model(preset: str, device: str, dtype: torch.dtype, seed: int =
                 param.normal_(0, 0.5 if "sinks" in name else 0.05)
         if embed_std is not None:
             model.model.embed_tokens.weight.normal_(0, embed_std)
+        if router_scale is not None:
+            for layer in model.model.layers:
+                layer.mlp.router.weight.mul_(router_scale)
+        if tied_head is not None:
+            if model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr():
+                raise ValueError("tied_head needs untied embeddings")
+            g = torch.Generator(device="cpu").manual_seed(seed + 1)
+            perm = torch.randperm(config.vocab_size, generator=g).to(device)
+            embed = model.model.embed_tokens.weight
+            for start in range(0, config.vocab_size, 16384):  # chunks: no second full-size temporary
+                rows = slice(start, min(start + 16384, config.vocab_size))
+                model.lm_head.weight[rows] += (tied_head * 0.02) * embed[perm[rows]]
     return model
 
 
@@ -86,6 +106,14 @@ def random_prompts(batch: int, length: int, seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     # Ordinary text ids (below the Harmony specials at 199998+).
     return torch.randint(0, 199_000, (batch, length), generator=g).tolist()
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
 
 
 def _sync():
@@ -181,7 +209,8 @@ def profile_step(gen: FastGenerator, batch: int, kv_len: int, out_dir: Path) -> 
 
     gen._positions[:batch] = kv_len // 2
     gen._tokens[:batch] = 1
-    step = lambda: decode_step(  # noqa: E731
+    step_fn = gen._step_fn(batch)  # the step the graphs capture (fused Triton kernels or eager)
+    step = lambda: step_fn(  # noqa: E731
         gen.weights, gen.cache, gen._tokens[:batch], gen._positions[:batch], kv_len, gen.use_grouped
     )
     step()
@@ -199,11 +228,12 @@ def profile_step(gen: FastGenerator, batch: int, kv_len: int, out_dir: Path) -> 
     rows.sort(key=lambda r: -r[2])
     kernels = sum(r[1] for r in rows)
     total_us = sum(r[2] for r in rows)
-    text = [f"batch {batch}, kv_len {kv_len}: {kernels} kernels, {total_us / 1000:.3f} ms kernel time (eager step)"]
+    text = [f"batch {batch}, kv_len {kv_len}: {kernels} kernels, {total_us / 1000:.3f} ms kernel time "
+            f"({step_fn.__name__}, run outside a graph)"]
     text += [f"{us / 1000:9.3f} ms {count:6d}x  {name[:110]}" for name, count, us in rows[:20]]
-    (out_dir / f"profile_b{batch}.txt").write_text("\n".join(text) + "\n")
+    (out_dir / f"profile_{step_fn.__name__}_b{batch}.txt").write_text("\n".join(text) + "\n")
     print("\n".join(text))
-    return dict(batch=batch, kv_len=kv_len, kernels=kernels, kernel_ms=total_us / 1000)
+    return dict(batch=batch, kv_len=kv_len, kernels=kernels, kernel_ms=total_us / 1000, step=step_fn.__name__)
 
 
 def weight_bytes_per_step(model, batch: int) -> float:
@@ -226,6 +256,8 @@ def main() -> None:
     ap.add_argument("--stock-new", type=int, default=5, help="new tokens per sequence (transformers; slow)")
     ap.add_argument("--no-stock", action="store_true")
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--eager-too", action="store_true",
+                    help="also time ours with the eager (unfused) decode step, for the fused kernels' gain")
     ap.add_argument("--compiled-batches", default="", help="also time these batches with torch.compile'd pieces")
     ap.add_argument("--compiled-prompt", type=int, default=512)
     ap.add_argument("--out", default="bench-generate")
@@ -243,6 +275,7 @@ def main() -> None:
         torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
         device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         grouped_mm=hasattr(torch.nn.functional, "grouped_mm") or hasattr(torch, "_grouped_mm"),
+        triton=_triton_version(),
         command=" ".join(sys.argv),
     )
     print(json.dumps(env))
@@ -254,23 +287,34 @@ def main() -> None:
 
     max_len = max(lengths) + args.new + 8
     gen = FastGenerator(model, max_batch=max(batches), max_seq_len=max_len)
-    print(f"grouped GEMM experts: {gen.use_grouped}; CUDA graphs: {gen.use_cuda_graphs}")
+    print(f"grouped GEMM experts: {gen.use_grouped}; CUDA graphs: {gen.use_cuda_graphs}; "
+          f"fused kernels: {gen.fused_kernels}")
     gen.generate(random_prompts(2, 16, 0), max_new_tokens=4, temperature=0, stop_ids=())  # warm-up
-    for prompt_len in lengths:
-        for batch in batches:
-            row = bench_ours(gen, batch, prompt_len, args.new)
-            row["floor_ms"] = weight_bytes_per_step(model, batch) / 3.0e12 * 1000  # ~3 TB/s read
-            rows.append(row)
-            print(json.dumps(row))
     extra = {}
-    for batch in batches:
-        ms = graph_step_ms(gen, batch, 1024 if max_len >= 1024 else gen._length_buckets[0])
-        extra[f"graph_step_ms_b{batch}_kv1024"] = ms
-        print(f"graph replay only, batch {batch}, kv 1024: {ms} ms")
-    if not args.no_profile:
-        for batch in (min(batches), max(batches)):
-            kv_len = 1024 if max_len >= 1024 else gen._length_buckets[0]
-            extra[f"profile_b{batch}"] = profile_step(gen, batch, kv_len, out_dir)
+    variants = [("ours", True)] + ([("ours (eager step)", False)] if args.eager_too else [])
+    for name, fused in variants:
+        gen.fused_kernels = fused and device == "cuda"
+        gen._graphs.clear()
+        for prompt_len in lengths:
+            for batch in batches:
+                row = bench_ours(gen, batch, prompt_len, args.new)
+                row["impl"] = name
+                row["fused_in_use"] = gen.fused_kernels
+                row["floor_ms"] = weight_bytes_per_step(model, batch) / 3.0e12 * 1000  # ~3 TB/s read
+                rows.append(row)
+                print(json.dumps(row))
+        if gen.stats.fused_error:
+            extra[f"fused_error_{name}"] = gen.stats.fused_error
+        for batch in batches:
+            ms = graph_step_ms(gen, batch, 1024 if max_len >= 1024 else gen._length_buckets[0])
+            extra[f"graph_step_ms_b{batch}_kv1024_{name}"] = ms
+            print(f"{name}: graph replay only, batch {batch}, kv 1024: {ms} ms")
+        if not args.no_profile:
+            for batch in (min(batches), max(batches)):
+                kv_len = 1024 if max_len >= 1024 else gen._length_buckets[0]
+                extra[f"profile_b{batch}_{name}"] = profile_step(gen, batch, kv_len, out_dir)
+    gen.fused_kernels = device == "cuda"
+    gen._graphs.clear()
     if args.compiled_batches:
         # Same generator, element-wise pieces through torch.compile; fresh graphs (the old ones hold eager kernels).
         try:
