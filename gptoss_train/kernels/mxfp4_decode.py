@@ -34,22 +34,23 @@ if triton is not None:
         return tl.where((code & 8) != 0, -value, value)
 
     @triton.jit
-    def _decode_kernel(blocks_ptr, scales_ptr, out_ptr, n_bytes, slice_bytes, matrix_bytes, first_byte,
-                       BLOCK: tl.constexpr):
-        # Output byte i comes from matrix i // slice_bytes, byte first_byte + i % slice_bytes of that matrix: a row
-        # range of every expert (slice_bytes == matrix_bytes, first_byte == 0: the whole stack).
+    def _decode_kernel(blocks_ptr, scales_ptr, out_ptr, slice_bytes, matrix_bytes, first_byte, BLOCK: tl.constexpr):
+        # Program (i, e) decodes bytes [i*BLOCK, (i+1)*BLOCK) of matrix e's slice, which starts at first_byte of that
+        # matrix (slice_bytes == matrix_bytes, first_byte == 0: the whole stack). No division on the hot path.
         pid = tl.program_id(0)
+        matrix = tl.program_id(1).to(tl.int64)
         offsets = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offsets < n_bytes
-        source = (offsets // slice_bytes) * matrix_bytes + first_byte + offsets % slice_bytes
+        mask = offsets < slice_bytes
+        source = matrix * matrix_bytes + first_byte + offsets
         byte = tl.load(blocks_ptr + source, mask=mask, other=0).to(tl.int32)
         scale_byte = tl.load(scales_ptr + source // 16, mask=mask, other=127).to(tl.int32)
         scale = (scale_byte << 23).to(tl.float32, bitcast=True)
         low = _e2m1(byte & 15) * scale
         high = _e2m1(byte >> 4) * scale
         values = tl.interleave(low, high)
-        out_offsets = pid.to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
-        tl.store(out_ptr + out_offsets, values.to(out_ptr.dtype.element_ty), mask=out_offsets < 2 * n_bytes)
+        out_offsets = matrix * (2 * slice_bytes) + pid.to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+        in_slice = pid.to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK) < 2 * slice_bytes
+        tl.store(out_ptr + out_offsets, values.to(out_ptr.dtype.element_ty), mask=in_slice)
 
 
 def triton_available() -> bool:
@@ -61,11 +62,10 @@ def _launch_decode(blocks, scales, dtype, first_row: int, num_rows: int, launch)
     rows, groups = blocks.shape[-3], blocks.shape[-2]
     matrices = blocks.numel() // (rows * groups * 16)
     out = torch.empty(*blocks.shape[:-3], num_rows, groups * 32, dtype=dtype, device=blocks.device)
-    n_bytes = matrices * num_rows * groups * 16
+    slice_bytes = num_rows * groups * 16
     block = 2048
-    launch(_decode_kernel)[(triton.cdiv(n_bytes, block),)](
-        blocks, scales, out, n_bytes, num_rows * groups * 16, rows * groups * 16, first_row * groups * 16,
-        BLOCK=block, num_warps=8)
+    launch(_decode_kernel)[(triton.cdiv(slice_bytes, block), matrices)](
+        blocks, scales, out, slice_bytes, rows * groups * 16, first_row * groups * 16, BLOCK=block, num_warps=8)
     return out
 
 
@@ -89,6 +89,10 @@ def _registered_decode_op():
 
             _decode_op = decode_mxfp4_rows
     return _decode_op or None
+
+
+if triton is not None:
+    _registered_decode_op()  # at import, not lazily inside a graph that dynamo is tracing
 
 
 def decode_mxfp4_triton(blocks: torch.Tensor, scales: torch.Tensor, dtype=torch.bfloat16,
