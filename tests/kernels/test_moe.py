@@ -124,3 +124,29 @@ def test_mxfp4_decode_in_row_pieces_matches_dense_decode(monkeypatch):
     reference, fast = add_lora(reference), add_lora(fast)
     install_fast_experts(fast)
     _compare_lora_training(reference, fast, _ids(9))
+
+
+_TRITON_DECODE_CHECK = """
+import torch
+from gptoss_train.kernels import mxfp4_decode
+from gptoss_train.kernels.moe import _decode_mxfp4_eager
+blocks = torch.randint(0, 256, (3, 40, 4, 16), dtype=torch.uint8)
+scales = torch.randint(110, 140, (3, 40, 4), dtype=torch.uint8)
+table = _decode_mxfp4_eager(blocks, scales, torch.float32)
+assert torch.equal(mxfp4_decode._launch_decode(blocks, scales, torch.float32, 0, 40, lambda k: k), table)
+assert torch.equal(mxfp4_decode._launch_decode(blocks, scales, torch.float32, 8, 16, lambda k: k), table[:, 8:24])
+"""
+
+
+def test_triton_decode_kernel_under_the_interpreter():
+    """The CUDA decode kernel (whole stacks and row pieces) is bit-identical to the table decode; Triton's CPU
+    interpreter runs it here (it must be on before Triton is imported, hence the subprocess)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-c", _TRITON_DECODE_CHECK], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
