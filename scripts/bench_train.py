@@ -263,6 +263,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens there)")
     parser.add_argument("--phases", default="hf,fast,fast_eager,recompute,all_experts,long,120b",
                         help="comma list of: hf, fast, fast_eager, recompute, all_experts, long, 120b")
+    parser.add_argument("--recompute-choices", default="experts,attention,none",
+                        help="what the recompute phase measures besides layer")
     parser.add_argument("--decode-piece-mib", type=int, default=None,
                         help="largest transient bf16 piece of a decoded MXFP4 expert stack (default: the kernels')")
     parser.add_argument("--long-seqs", default="16384,32768,65536")
@@ -320,7 +322,7 @@ def main(argv=None) -> int:
             if compiled:
                 install_compiled_layers(model)
         if "recompute" in phases:
-            for choice in ("experts", "attention", "none"):
+            for choice in args.recompute_choices.split(","):
                 install_recompute(model, choice)
                 _try_step(report, f"ours MXFP4, LoRA L7/15/23, recompute={choice}", model, batch,
                           steps=args.steps, warmup=1)
