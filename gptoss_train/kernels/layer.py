@@ -90,8 +90,11 @@ def _compiled_layer_forward(layer, eager_forward, backend, hidden_states, attent
         raise
     except Exception as err:  # noqa: BLE001 - a compiler failure must not stop training: run the layer eagerly
         # Dynamo compiles before it runs anything, so nothing of this call has executed yet.
+        import traceback
+
         _compile_failed = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
-        warnings.warn(f"compiled decoder layer failed ({_compile_failed}); running the layers eagerly")
+        warnings.warn(f"compiled decoder layer failed ({_compile_failed}); running the layers eagerly\n"
+                      f"{traceback.format_exc()[-3000:]}")
         return eager_forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=past_key_values, use_cache=use_cache,
                              position_embeddings=position_embeddings, **kwargs)
