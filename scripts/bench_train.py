@@ -265,6 +265,7 @@ def main(argv=None) -> int:
                         help="comma list of: hf, fast, fast_eager, recompute, all_experts, long, 120b")
     parser.add_argument("--recompute-choices", default="experts,attention,none",
                         help="what the recompute phase measures besides layer")
+    parser.add_argument("--loss-chunk", type=int, default=1024, help="tokens per chunk of the linear + CE")
     parser.add_argument("--decode-piece-mib", type=int, default=None,
                         help="largest transient bf16 piece of a decoded MXFP4 expert stack (default: the kernels')")
     parser.add_argument("--long-seqs", default="16384,32768,65536")
@@ -309,7 +310,8 @@ def main(argv=None) -> int:
         moe.DECODE_PIECE_BYTES = args.decode_piece_mib * 2**20
     if phases & {"fast", "fast_eager", "recompute", "all_experts", "long"}:
         make_mxfp4_resident(model, stored, device)
-        description = enable_fast_training(model, recompute="layer", force=device != "cuda")
+        description = enable_fast_training(model, recompute="layer", loss_chunk_size=args.loss_chunk,
+                                           force=device != "cuda")
         print(description, flush=True)
         if "fast" in phases:
             _try_step(report, "ours MXFP4, LoRA L7/15/23, recompute=layer", model, batch, steps=args.steps,
