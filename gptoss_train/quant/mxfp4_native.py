@@ -184,8 +184,9 @@ void mxfp4_encode_bf16(const uint32_t *x, int rule, uint8_t *packed, uint8_t *sc
 """
 
 # -fno-math-errno / -fno-trapping-math let the compiler vectorise rintf; neither changes a result (no value here is
-# NaN or inf, and rint's rounding mode is the default round-half-to-even). No -ffast-math: it would reorder sums.
-_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared", "-std=c99"]
+# NaN or inf, and rint's rounding mode is the default round-half-to-even). -ffp-contract=off: no fused multiply-adds,
+# every product is rounded as torch rounds it. No -ffast-math: it would reorder sums and drop signed zeros.
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-fPIC", "-shared", "-std=c99"]
 _RULE_CODES = {"best": 0, "ocp": 1, "noclip": 2}
 
 

@@ -15,6 +15,16 @@ from gptoss_train.quant.mxfp4 import FP4_VALUES, MXFP4Error, decode, encode, is_
 GRID = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 
 
+@pytest.fixture(params=["eager", "native"])
+def default_kernel(request, monkeypatch):
+    """Run a test through each CPU implementation: eager torch (the reference) and the native C kernel (the default
+    on CPU; tests/quant/test_mxfp4_native.py also compares the two directly)."""
+    if request.param == "native" and mxfp4._native_library(torch.device("cpu")) is None:
+        pytest.skip("the native MXFP4 kernel could not be built here (no C compiler)")
+    monkeypatch.setenv("GPTOSS_MXFP4_KERNEL", request.param)
+    return request.param
+
+
 def _all_codes_and_scales():
     """Blocks covering every byte value at every scale byte: [255 scales, 16 blocks, 16] (256 bytes per scale)."""
     byte = torch.arange(256, dtype=torch.uint8).reshape(16, 16)
@@ -27,6 +37,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({2: torch.int16, 4: torch.int32}[t.dtype.itemsize])
 
 
+@pytest.mark.usefixtures("default_kernel")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 def test_decode_bit_identical_to_transformers_every_code_and_scale(dtype):
     from transformers.integrations.mxfp4 import _convert_moe_packed_tensors as transformers_decode
@@ -43,6 +54,7 @@ def test_decode_bit_identical_to_transformers_every_code_and_scale(dtype):
     assert torch.equal(_bits(ours), _bits(expected.transpose(1, 2).contiguous()))
 
 
+@pytest.mark.usefixtures("default_kernel")
 def test_decode_random_bytes_matches_transformers_scale_255_included():
     from transformers.integrations.mxfp4 import _convert_moe_packed_tensors as transformers_decode
 
@@ -55,6 +67,7 @@ def test_decode_random_bytes_matches_transformers_scale_255_included():
     assert (scales == 255).any()
 
 
+@pytest.mark.usefixtures("default_kernel")
 def test_decode_nibble_order_and_values():
     blocks = torch.zeros(1, 1, 16, dtype=torch.uint8)
     blocks[0, 0, 0] = 0x2F  # element 0 = code 0xF (-6), element 1 = code 2 (1.0)
@@ -107,6 +120,7 @@ def _tie_rich_data(seed: int) -> torch.Tensor:
     return torch.from_numpy(x.reshape(64, 256))
 
 
+@pytest.mark.usefixtures("default_kernel")
 @pytest.mark.parametrize("rule", ["ocp", "noclip", "best"])
 def test_encode_is_rne_projection_at_chosen_scale(rule):
     x = _tie_rich_data(0)
@@ -126,6 +140,7 @@ def test_encode_is_rne_projection_at_chosen_scale(rule):
     assert np.array_equal(np.signbit(got), np.signbit(expected))
 
 
+@pytest.mark.usefixtures("default_kernel")
 @pytest.mark.parametrize("rule", ["ocp", "noclip", "best"])
 def test_decode_encode_decode_is_identity_on_mxfp4_values(rule):
     gen = torch.Generator().manual_seed(2)
@@ -143,6 +158,7 @@ def test_decode_encode_decode_is_identity_on_mxfp4_values(rule):
     assert torch.equal(same, is_canonical(blocks, scales))
 
 
+@pytest.mark.usefixtures("default_kernel")
 def test_bf16_input_equals_float32_input():
     x = torch.randn(8, 512) * 0.03
     xb = x.bfloat16()
@@ -152,6 +168,7 @@ def test_bf16_input_equals_float32_input():
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+@pytest.mark.usefixtures("default_kernel")
 def test_signed_zeros_and_all_zero_blocks():
     x = torch.zeros(2, 64)
     x[0, 1] = -0.0
@@ -168,6 +185,7 @@ def test_signed_zeros_and_all_zero_blocks():
     assert blocks[0, 0, 0].item() == 0x80
 
 
+@pytest.mark.usefixtures("default_kernel")
 def test_tiny_and_huge_block_scales_clamp():
     x = torch.zeros(3, 32)
     x[0, 0] = 2.0**-140  # subnormal float32: scale byte 0, encodes to 0.5 * 2**-127 * k or zero
@@ -181,6 +199,7 @@ def test_tiny_and_huge_block_scales_clamp():
     assert out[1, 0].item() == 6.0 * 2.0**125  # 3e38 / 2**125 = 7.05 -> clips to 6 under the floor rule
 
 
+@pytest.mark.usefixtures("default_kernel")
 @pytest.mark.parametrize("value", [float("inf"), float("nan")])
 def test_encode_rejects_non_finite(value):
     x = torch.zeros(2, 64)
@@ -200,6 +219,7 @@ def test_bad_inputs_are_explained():
         decode(torch.zeros(2, 3, 16), torch.zeros(2, 3))
 
 
+@pytest.mark.usefixtures("default_kernel")
 def test_best_error_not_above_either_rule_on_every_block():
     x = torch.randn(64, 2880) * 0.02
     x[:8] = torch.randn(8, 2880).pow(3)  # heavy tails
@@ -227,6 +247,7 @@ def test_keep_scales_keeps_scale_until_overflow():
     assert torch.equal(kept[3, 1:], scales[3, 1:]) and torch.equal(kept[:3], scales[:3])
 
 
+@pytest.mark.usefixtures("default_kernel")
 def test_chunking_does_not_change_results():
     x = torch.randn(5, 7, 96) * 0.1
     ref = encode(x)
@@ -245,6 +266,7 @@ def _gguf_ocp_values(x: np.ndarray) -> np.ndarray:
     return dequantize(packed, GGMLQuantizationType.MXFP4).reshape(x.shape)
 
 
+@pytest.mark.usefixtures("default_kernel")
 def test_ocp_rule_values_equal_gguf_py():
     gen = np.random.default_rng(4)
     x = gen.normal(0, 0.02, size=(32, 2880)).astype(np.float32)
@@ -263,6 +285,7 @@ def test_ocp_rule_values_equal_gguf_py():
     np.testing.assert_array_equal(ours[nonzero], theirs[nonzero])
 
 
+@pytest.mark.usefixtures("default_kernel")
 def test_gguf_py_float_log2_edge_case_is_documented():
     """gguf-py's ``floor(np.log2(amax))`` in float32 rounds up for amax a few ulps below 2**k: it then picks the
     next scale up (coarser grid). Ours reads the exponent from the bits and follows the OCP rule exactly."""
