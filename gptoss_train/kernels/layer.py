@@ -61,7 +61,9 @@ def _compiled_body(backend: str):
     return torch.compile(decoder_layer_body, backend=backend, dynamic=False)
 
 
-_compile_failed: str | None = None
+# dtype -> why its compilation failed; such layers run eagerly from then on (a failure in one dtype, say a float32
+# check, leaves the others compiled).
+_compile_failed: dict[torch.dtype, str] = {}
 
 
 def _uses_per_module_recompute(layer) -> bool:
@@ -72,8 +74,7 @@ def _uses_per_module_recompute(layer) -> bool:
 def _compiled_layer_forward(layer, eager_forward, backend, hidden_states, attention_mask=None, position_ids=None,
                             past_key_values=None, use_cache=False, position_embeddings=None, **kwargs):
     """Replacement for GptOssDecoderLayer.forward (same arguments, same result) that runs the compiled body."""
-    global _compile_failed
-    if past_key_values is not None or _compile_failed or _uses_per_module_recompute(layer):
+    if past_key_values is not None or hidden_states.dtype in _compile_failed or _uses_per_module_recompute(layer):
         return eager_forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=past_key_values, use_cache=use_cache,
                              position_embeddings=position_embeddings, **kwargs)
@@ -92,8 +93,10 @@ def _compiled_layer_forward(layer, eager_forward, backend, hidden_states, attent
         # Dynamo compiles before it runs anything, so nothing of this call has executed yet.
         import traceback
 
-        _compile_failed = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
-        warnings.warn(f"compiled decoder layer failed ({_compile_failed}); running the layers eagerly\n"
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        _compile_failed[hidden_states.dtype] = reason
+        warnings.warn(f"compiled decoder layer failed in {hidden_states.dtype} ({reason}); running the layers "
+                      f"eagerly\n"
                       f"{traceback.format_exc()[-3000:]}")
         return eager_forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=past_key_values, use_cache=use_cache,
@@ -102,7 +105,9 @@ def _compiled_layer_forward(layer, eager_forward, backend, hidden_states, attent
 
 def compile_failure() -> str | None:
     """Why the compiled layers fell back to eager in this process (None while they work)."""
-    return _compile_failed
+    if not _compile_failed:
+        return None
+    return "; ".join(f"{str(dtype).removeprefix('torch.')}: {reason}" for dtype, reason in _compile_failed.items())
 
 
 def install_compiled_layers(model, backend: str = "inductor") -> int:

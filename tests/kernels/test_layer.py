@@ -69,3 +69,18 @@ def test_per_module_recompute_keeps_layers_eager():
 def test_compiled_layers_need_the_fast_attention_and_experts():
     with pytest.raises(ValueError, match="compile_layers"):
         enable_fast_training(build_tiny_model(), experts=False, compile_layers=True, force=True)
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    """A compiler that cannot run (here: an unknown backend) must not stop training: eager layers, reason recorded."""
+    from gptoss_train.kernels import layer
+
+    monkeypatch.setattr(layer, "_compile_failed", {})
+    model = build_tiny_model()
+    reference, fast = add_lora(copy.deepcopy(model)), add_lora(copy.deepcopy(model))
+    enable_fast_training(fast, force=True, compile_layers=True, compile_backend="no_such_backend")
+    ids = torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(3))
+    with pytest.warns(UserWarning, match="compiled decoder layer failed"):
+        fast_loss = fast(input_ids=ids, labels=ids).loss
+    assert "float32" in compile_failure()
+    assert rel_err(fast_loss, reference(input_ids=ids, labels=ids).loss) < 1e-5
