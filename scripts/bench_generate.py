@@ -236,6 +236,60 @@ def profile_step(gen: FastGenerator, batch: int, kv_len: int, out_dir: Path) -> 
     return dict(batch=batch, kv_len=kv_len, kernels=kernels, kernel_ms=total_us / 1000, step=step_fn.__name__)
 
 
+def expert_gemm_microbench(gen: FastGenerator, batches=(1, 2, 4, 8, 16, 64)) -> list[dict]:
+    """One layer's two expert products at decode sizes: torch's grouped GEMM vs gen_kernels.expert_gemm (a few
+    tile configurations), median of CUDA-event timings (triton.testing.do_bench), with the bytes of the experts
+    touched over time as an effective bandwidth. Picks EXPERT_GEMM_MAX_PAIRS / tiles from data, not guesses."""
+    import triton.testing
+
+    from gptoss_train.kernels import gen_kernels as K
+    from gptoss_train.kernels.gen_model import expert_mm, route
+
+    w = gen.weights
+    layer = w.layers[0]
+    saved = (K.EXPERT_GEMM_BLOCK_N, K.EXPERT_GEMM_BLOCK_K, K.EXPERT_GEMM_STAGES)
+    rows = []
+    g = torch.Generator(device=gen.device).manual_seed(0)
+    for batch in batches:
+        logits = torch.randn(batch, w.num_experts, device=gen.device, generator=g).to(w.dtype)
+        _, _, expert_sorted, _, offs = route(logits, w.top_k, w.num_experts)
+        pairs = batch * w.top_k
+        xs = torch.randn(pairs, layer.gate_up.shape[1], device=gen.device, generator=g).to(w.dtype)
+        act = torch.randn(pairs, layer.down.shape[1], device=gen.device, generator=g).to(w.dtype)
+        touched = int((torch.bincount(expert_sorted, minlength=w.num_experts) > 0).sum())
+        nbytes = touched * (layer.gate_up[0].numel() + layer.down[0].numel()) * layer.gate_up.element_size()
+        grouped = lambda: (expert_mm(xs, layer.gate_up, offs, expert_sorted, True),  # noqa: E731
+                           expert_mm(act, layer.down, offs, expert_sorted, True))
+        ref = grouped()
+        ms = triton.testing.do_bench(grouped, warmup=25, rep=200, return_mode="median")
+        row = dict(batch=batch, pairs=pairs, experts_touched=touched, mb=nbytes / 1e6, grouped_mm_us=ms * 1e3,
+                   grouped_mm_tb_s=nbytes / ms / 1e9)
+        best = None
+        for bn, bk, st in ((64, 128, 4), (32, 128, 4), (64, 256, 3), (128, 64, 4), (32, 256, 3), (64, 64, 6)):
+            K.EXPERT_GEMM_BLOCK_N, K.EXPERT_GEMM_BLOCK_K, K.EXPERT_GEMM_STAGES = bn, bk, st
+            fn = lambda: (K.expert_gemm(xs, layer.gate_up, offs), K.expert_gemm(act, layer.down, offs))  # noqa: E731
+            try:
+                got = fn()
+                err = max(_rel(got[0], ref[0]), _rel(got[1], ref[1]))
+                t = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+            except Exception as exc:  # noqa: BLE001 - one bad tile config must not lose the others
+                row[f"triton_{bn}_{bk}_{st}"] = f"{type(exc).__name__}: {str(exc)[:100]}"
+                continue
+            row[f"triton_{bn}_{bk}_{st}"] = dict(us=t * 1e3, tb_s=nbytes / t / 1e9, rel_err=err)
+            if err < 1e-2 and (best is None or t < best[0]):
+                best = (t, bn, bk, st)
+        row["best_triton"] = None if best is None else dict(us=best[0] * 1e3, tiles=best[1:])
+        rows.append(row)
+        print(json.dumps(row))
+    K.EXPERT_GEMM_BLOCK_N, K.EXPERT_GEMM_BLOCK_K, K.EXPERT_GEMM_STAGES = saved
+    return rows
+
+
+def _rel(a, b) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
 def weight_bytes_per_step(model, batch: int) -> float:
     """Fewest bytes one decode step must read: attention + router + lm_head + the experts the batch can touch."""
     cfg = model.config
@@ -256,8 +310,13 @@ def main() -> None:
     ap.add_argument("--stock-new", type=int, default=5, help="new tokens per sequence (transformers; slow)")
     ap.add_argument("--no-stock", action="store_true")
     ap.add_argument("--no-profile", action="store_true")
-    ap.add_argument("--eager-too", action="store_true",
-                    help="also time ours with the eager (unfused) decode step, for the fused kernels' gain")
+    ap.add_argument("--gemm-bench", action="store_true", help="time expert_gemm vs grouped_mm at decode sizes first")
+    ap.add_argument("--expert-gemm-max-pairs", type=int, default=None,
+                    help="override gen_kernels.EXPERT_GEMM_MAX_PAIRS (Triton expert GEMM up to this many pairs)")
+    ap.add_argument("--variants", default="default",
+                    help="comma list of our variants to time: default (the shipped settings), eager (unfused step), "
+                         "tgemm (fused step with the Triton expert GEMM up to 64 pairs), grouped (fused step, "
+                         "torch grouped GEMM only)")
     ap.add_argument("--compiled-batches", default="", help="also time these batches with torch.compile'd pieces")
     ap.add_argument("--compiled-prompt", type=int, default=512)
     ap.add_argument("--out", default="bench-generate")
@@ -289,17 +348,32 @@ def main() -> None:
     gen = FastGenerator(model, max_batch=max(batches), max_seq_len=max_len)
     print(f"grouped GEMM experts: {gen.use_grouped}; CUDA graphs: {gen.use_cuda_graphs}; "
           f"fused kernels: {gen.fused_kernels}")
-    gen.generate(random_prompts(2, 16, 0), max_new_tokens=4, temperature=0, stop_ids=())  # warm-up
     extra = {}
-    variants = [("ours", True)] + ([("ours (eager step)", False)] if args.eager_too else [])
-    for name, fused in variants:
+    if args.gemm_bench and device == "cuda":
+        extra["expert_gemm_microbench"] = expert_gemm_microbench(gen)
+    if args.expert_gemm_max_pairs is not None:
+        from gptoss_train.kernels import gen_kernels
+
+        gen_kernels.EXPERT_GEMM_MAX_PAIRS = args.expert_gemm_max_pairs
+    gen.generate(random_prompts(2, 16, 0), max_new_tokens=4, temperature=0, stop_ids=())  # warm-up
+    from gptoss_train.kernels import gen_kernels
+
+    shipped_pairs = gen_kernels.EXPERT_GEMM_MAX_PAIRS
+    settings = {"default": ("ours", True, shipped_pairs), "eager": ("ours (eager step)", False, 0),
+                "tgemm": ("ours (fused, Triton expert GEMM <= 64 pairs)", True, 64),
+                "grouped": ("ours (fused, grouped_mm experts)", True, 0)}
+    variants = [settings[v] for v in args.variants.split(",")]
+    extra["expert_gemm_max_pairs_default"] = shipped_pairs
+    for name, fused, pairs in variants:
         gen.fused_kernels = fused and device == "cuda"
+        gen_kernels.EXPERT_GEMM_MAX_PAIRS = pairs
         gen._graphs.clear()
         for prompt_len in lengths:
             for batch in batches:
                 row = bench_ours(gen, batch, prompt_len, args.new)
                 row["impl"] = name
                 row["fused_in_use"] = gen.fused_kernels
+                row["expert_gemm_max_pairs"] = gen_kernels.EXPERT_GEMM_MAX_PAIRS
                 row["floor_ms"] = weight_bytes_per_step(model, batch) / 3.0e12 * 1000  # ~3 TB/s read
                 rows.append(row)
                 print(json.dumps(row))
@@ -314,6 +388,7 @@ def main() -> None:
                 kv_len = 1024 if max_len >= 1024 else gen._length_buckets[0]
                 extra[f"profile_b{batch}_{name}"] = profile_step(gen, batch, kv_len, out_dir)
     gen.fused_kernels = device == "cuda"
+    gen_kernels.EXPERT_GEMM_MAX_PAIRS = shipped_pairs
     gen._graphs.clear()
     if args.compiled_batches:
         # Same generator, element-wise pieces through torch.compile; fresh graphs (the old ones hold eager kernels).

@@ -590,7 +590,7 @@ def fused_decode_supported(w: ModelWeights, batch: int, use_grouped: bool) -> bo
         gen_kernels.available(w.device)
         and use_grouped
         and batch * w.top_k <= gen_kernels.MAX_FUSED_PAIRS
-        and w.head_dim & (w.head_dim - 1) == 0
+        and (w.head_dim & (w.head_dim - 1)) == 0
     )
 
 
@@ -621,11 +621,14 @@ def decode_step_fused(
         logits = F.linear(h, layer.router_w, layer.router_b)
         scores, _, expert_sorted, token_sorted, offs, inv = K.route_sort(logits, w.top_k, h.dtype)
         xs = h[token_sorted]
-        gate_up = expert_mm(xs, layer.gate_up, offs, expert_sorted, use_grouped)
+        small = xs.shape[0] <= K.EXPERT_GEMM_MAX_PAIRS
+        mm = (lambda a, wt: K.expert_gemm(a, wt, offs)) if small else \
+            (lambda a, wt: expert_mm(a, wt, offs, expert_sorted, use_grouped))  # noqa: E731
+        gate_up = mm(xs, layer.gate_up)
         if layer.lora_gate_up is not None:
             gate_up = gate_up + _expert_lora(xs, layer.lora_gate_up, offs, expert_sorted, use_grouped)
         act = K.bias_swiglu(gate_up, layer.gate_up_b, expert_sorted, w.swiglu_alpha, w.swiglu_limit)
-        out = expert_mm(act, layer.down, offs, expert_sorted, use_grouped)
+        out = mm(act, layer.down)
         if layer.lora_down is not None:
             out = out + _expert_lora(act, layer.lora_down, offs, expert_sorted, use_grouped)
         last = li + 1 == len(w.layers)
