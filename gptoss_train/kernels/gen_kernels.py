@@ -29,6 +29,8 @@ MAX_FUSED_PAIRS = 512
 # expert_gemm replaces torch's grouped GEMM in the fused step up to this many (token, expert) pairs (0: never).
 EXPERT_GEMM_MAX_PAIRS = 0
 EXPERT_GEMM_BLOCK_N, EXPERT_GEMM_BLOCK_K, EXPERT_GEMM_STAGES = 64, 128, 4
+# decode attention reads a sequence's keys in chunks of this many, one program each (then a combine kernel)
+ATTENTION_SPLIT_LEN = 256
 
 
 def available(device: torch.device) -> bool:
@@ -87,25 +89,30 @@ if triton is not None:
             tl.store(v_cache_ptr + dst, v)
 
     @triton.jit
-    def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, sinks_ptr, out_ptr, cache_len,
-                                 scale, KV_LEN: tl.constexpr, G: tl.constexpr, GB: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-                                 BLOCK_L: tl.constexpr):
-        # One program per (sequence, kv head): its G query heads against the live keys, sink logit included in
-        # the softmax denominator (online softmax in fp32).
+    def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, sinks_ptr, out_ptr, part_m_ptr,
+                                 part_l_ptr, part_acc_ptr, cache_len, scale, KV_LEN: tl.constexpr,
+                                 SPLIT_LEN: tl.constexpr, SPLITS: tl.constexpr, G: tl.constexpr,
+                                 GB: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr):
+        # One program per (sequence, kv head, key split): its G query heads against keys [split * SPLIT_LEN, ...)
+        # (those at index <= position), online softmax in fp32. The sink logit joins split 0's denominator. With
+        # one split the output is final; otherwise (m, l, acc) go to scratch for _attention_combine_kernel.
         b = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1)
+        split = tl.program_id(2)
         g = tl.arange(0, GB)
         d = tl.arange(0, D)
         gmask = g < G
         heads = kvh * G + g
         q = tl.load(q_ptr + (b * (HKV * G) + heads[:, None]) * D + d[None, :], mask=gmask[:, None], other=0.0)
         pos = tl.load(pos_ptr + b)
-        m = tl.load(sinks_ptr + heads, mask=gmask, other=0.0).to(tl.float32)  # the sink is the first "key"
-        l_sum = tl.full([GB], 1.0, tl.float32)
+        sink = tl.load(sinks_ptr + heads, mask=gmask, other=0.0).to(tl.float32)
+        # finite "minus infinity" for splits without the sink: exp(m - m_new) stays 1 when nothing is valid yet
+        m = tl.where(split == 0, sink, -1.0e30)
+        l_sum = tl.where(split == 0, 1.0, 0.0) + tl.zeros([GB], tl.float32)
         acc = tl.zeros([GB, D], tl.float32)
         base = (b * HKV + kvh) * cache_len * D
-        for start in range(0, KV_LEN, BLOCK_L):  # constexpr bound: one specialisation per KV-length bucket
-            keys = start + tl.arange(0, BLOCK_L)
+        for off in range(0, SPLIT_LEN, BLOCK_L):  # constexpr bounds: one specialisation per KV-length bucket
+            keys = split * SPLIT_LEN + off + tl.arange(0, BLOCK_L)
             valid = (keys < KV_LEN) & (keys <= pos)
             k = tl.load(k_cache_ptr + base + keys[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k))  # [GB, BLOCK_L] fp32
@@ -119,9 +126,37 @@ if triton is not None:
             v = tl.load(v_cache_ptr + base + keys[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m = m_new
+        if SPLITS == 1:
+            out = acc / l_sum[:, None]
+            tl.store(out_ptr + (b * (HKV * G) + heads[:, None]) * D + d[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
+        else:
+            part = ((b * HKV + kvh) * SPLITS + split) * GB
+            tl.store(part_m_ptr + part + g, m)
+            tl.store(part_l_ptr + part + g, l_sum)
+            tl.store(part_acc_ptr + (part + g[:, None]) * D + d[None, :], acc)
+
+    @triton.jit
+    def _attention_combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, SPLITS: tl.constexpr,
+                                  G: tl.constexpr, GB: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr):
+        b = tl.program_id(0).to(tl.int64)
+        kvh = tl.program_id(1)
+        g = tl.arange(0, GB)
+        d = tl.arange(0, D)
+        base = (b * HKV + kvh) * SPLITS * GB
+        m = tl.full([GB], -1.0e30, tl.float32)
+        for sp in range(SPLITS):
+            m = tl.maximum(m, tl.load(part_m_ptr + base + sp * GB + g))
+        l_sum = tl.zeros([GB], tl.float32)
+        acc = tl.zeros([GB, D], tl.float32)
+        for sp in range(SPLITS):
+            w = tl.exp(tl.load(part_m_ptr + base + sp * GB + g) - m)
+            l_sum += w * tl.load(part_l_ptr + base + sp * GB + g)
+            acc += w[:, None] * tl.load(part_acc_ptr + (base + sp * GB + g[:, None]) * D + d[None, :])
         out = acc / l_sum[:, None]
+        heads = kvh * G + g
         tl.store(out_ptr + (b * (HKV * G) + heads[:, None]) * D + d[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=gmask[:, None])
+                 mask=(g < G)[:, None])
 
     @triton.jit
     def _route_sort_kernel(logits_ptr, n_tokens, flat_e_ptr, flat_w_ptr, denom_ptr, scores_ptr, order_ptr,
@@ -266,15 +301,30 @@ def rope_kv_write(qkv: Tensor, positions: Tensor, cos2: Tensor, sin2: Tensor, k_
 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor, sinks: Tensor, scale: float,
                      kv_len: int) -> Tensor:
-    """q [B, H, D] against cache rows 0..kv_len-1 of slots 0..B-1 (keys at index <= position); [B, H * D]."""
+    """q [B, H, D] against cache rows 0..kv_len-1 of slots 0..B-1 (keys at index <= position); [B, H * D].
+
+    Keys are split into ATTENTION_SPLIT_LEN chunks over separate programs (flash-decoding) so that one sequence's
+    long cache is read by many SMs at once, then combined."""
     batch, heads, head_dim = q.shape
     _, kv_heads, cache_len, _ = k_cache.shape
     groups = heads // kv_heads
+    gb = max(16, _pow2(groups))
+    split_len = min(_pow2(kv_len), ATTENTION_SPLIT_LEN)
+    splits = triton.cdiv(kv_len, split_len)
     out = torch.empty(batch, heads * head_dim, dtype=q.dtype, device=q.device)
-    _decode_attention_kernel[(batch, kv_heads)](
-        q, k_cache, v_cache, positions, sinks, out, cache_len, scale, KV_LEN=kv_len, G=groups, GB=max(16, _pow2(groups)),
-        HKV=kv_heads, D=head_dim, BLOCK_L=64, num_warps=4,
+    part_m = part_l = part_acc = out  # unused with one split
+    if splits > 1:
+        part_m = torch.empty(batch, kv_heads, splits, gb, dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty(batch, kv_heads, splits, gb, head_dim, dtype=torch.float32, device=q.device)
+    _decode_attention_kernel[(batch, kv_heads, splits)](
+        q, k_cache, v_cache, positions, sinks, out, part_m, part_l, part_acc, cache_len, scale, KV_LEN=kv_len,
+        SPLIT_LEN=split_len, SPLITS=splits, G=groups, GB=gb, HKV=kv_heads, D=head_dim,
+        BLOCK_L=min(64, split_len), num_warps=4,
     )
+    if splits > 1:
+        _attention_combine_kernel[(batch, kv_heads)](part_m, part_l, part_acc, out, SPLITS=splits, G=groups, GB=gb,
+                                                     HKV=kv_heads, D=head_dim, num_warps=4)
     return out
 
 

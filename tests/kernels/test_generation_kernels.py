@@ -104,6 +104,7 @@ def test_expert_gemm_matches_grouped_mm(kernels):
 
 def test_fused_step_matches_eager_step_across_the_window(kernels, monkeypatch):
     monkeypatch.setattr(kernels, "EXPERT_GEMM_MAX_PAIRS", 4)  # batch 2 x top-2: the expert GEMMs run in Triton too
+    monkeypatch.setattr(kernels, "ATTENTION_SPLIT_LEN", 16)  # 32 full-attention keys: two splits and the combine
 
     # Two slots at different positions; 12 steps take both past the sliding window (8): the ring wraps.
     model = _tiny_model()
