@@ -102,6 +102,9 @@ def enable_fast_training(model, *, attention: bool = True, experts: bool = True,
         if not (attention and experts):
             raise ValueError("compile_layers needs attention=True and experts=True (the compiled body uses both)")
         parts.append(f"layers=compiled ({compile_backend}) x{install_compiled_layers(model, compile_backend)}")
+        # A training forward with use_cache would build a KV cache, and layers given a cache run eagerly (decoding);
+        # generate() still asks for its cache explicitly.
+        (model.get_base_model() if hasattr(model, "get_base_model") else model).config.use_cache = False
     if recompute is not None:
         install_recompute(model, recompute)
         parts.append(f"recompute={recompute}")

@@ -78,7 +78,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
     monkeypatch.setattr(layer, "_compile_failed", {})
     model = build_tiny_model()
     reference, fast = add_lora(copy.deepcopy(model)), add_lora(copy.deepcopy(model))
-    enable_fast_training(fast, recompute="none", force=True, compile_layers=True, compile_backend="no_such_backend")
+    enable_fast_training(fast, force=True, compile_layers=True, compile_backend="no_such_backend")
     ids = torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(3))
     with pytest.warns(UserWarning, match="compiled decoder layer failed"):
         fast_loss = fast(input_ids=ids, labels=ids).loss
