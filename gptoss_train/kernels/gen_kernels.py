@@ -246,8 +246,9 @@ if triton is not None:
 
 
     @triton.jit
-    def _expert_gemm_kernel(x_ptr, w_ptr, offs_ptr, out_ptr, K: tl.constexpr, N: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _expert_gemm_kernel(x_ptr, x_rows_ptr, w_ptr, offs_ptr, out_ptr, K: tl.constexpr, N: tl.constexpr,
+                            GATHER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr):
         # One program per (expert, column block): the expert's rows (sorted, offs = cumulative counts) times
         # w[e][:, block], the weight tile streamed once per 16-row tile. Experts with no rows return at once.
         e = tl.program_id(0)
@@ -259,11 +260,14 @@ if triton is not None:
         for m0 in range(start, end, BLOCK_M):
             rows = m0 + tl.arange(0, BLOCK_M)
             rmask = rows < end
+            src = rows.to(tl.int64)
+            if GATHER:  # row r of the product reads x row x_rows[r] (the routed token): no gathered copy of x
+                src = tl.load(x_rows_ptr + rows, mask=rmask, other=0).to(tl.int64)
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 kk = k0 + tl.arange(0, BLOCK_K)
                 kmask = kk < K
-                xt = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + kk[None, :],
+                xt = tl.load(x_ptr + src[:, None] * K + kk[None, :],
                              mask=rmask[:, None] & kmask[None, :], other=0.0)
                 wt = tl.load(w_base + kk[:, None] * N + n[None, :], mask=kmask[:, None] & nmask[None, :], other=0.0)
                 acc += tl.dot(xt, wt)
@@ -371,17 +375,19 @@ def moe_combine_add_rms_norm(x: Tensor, pairs: Tensor, bias: Tensor, expert_of_r
     return x_out, h
 
 
-def expert_gemm(x: Tensor, weight: Tensor, offs: Tensor) -> Tensor:
-    """grouped_mm(x, weight, offs) for few rows: x [P, K] sorted by expert, weight [E, K, N], offs [E] cumulative.
+def expert_gemm(x: Tensor, weight: Tensor, offs: Tensor, x_rows: Tensor | None = None) -> Tensor:
+    """grouped_mm(x, weight, offs) for few rows: x [P, K] sorted by expert, weight [E, K, N], offs [E] cumulative;
+    with x_rows [P], row r reads x[x_rows[r]] instead (x [T, K] unsorted, e.g. the tokens of the sorted pairs).
 
     At decode batch sizes (1-4 rows per expert) torch's grouped GEMM streams the selected experts at ~1.9 TB/s;
     this kernel spreads each expert's columns over many programs (BLOCK_N wide) so the weight reads fill the card."""
-    rows, k = x.shape
+    rows = x.shape[0] if x_rows is None else x_rows.shape[0]
+    k = x.shape[1]
     experts, _, n = weight.shape
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     block_n = EXPERT_GEMM_BLOCK_N
     _expert_gemm_kernel[(experts, triton.cdiv(n, block_n))](
-        x, weight, offs, out, K=k, N=n, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=EXPERT_GEMM_BLOCK_K,
+        x, x if x_rows is None else x_rows, weight, offs, out, K=k, N=n, GATHER=x_rows is not None, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=EXPERT_GEMM_BLOCK_K,
         num_warps=4, num_stages=EXPERT_GEMM_STAGES,
     )
     return out

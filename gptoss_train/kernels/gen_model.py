@@ -620,15 +620,18 @@ def decode_step_fused(
         x, h = K.add_rms_norm(x, out_projection(layer, attn), layer.post_norm, layer.norm_eps)
         logits = F.linear(h, layer.router_w, layer.router_b)
         scores, _, expert_sorted, token_sorted, offs, inv = K.route_sort(logits, w.top_k, h.dtype)
-        xs = h[token_sorted]
-        small = xs.shape[0] <= K.EXPERT_GEMM_MAX_PAIRS
-        mm = (lambda a, wt: K.expert_gemm(a, wt, offs)) if small else \
-            (lambda a, wt: expert_mm(a, wt, offs, expert_sorted, use_grouped))  # noqa: E731
-        gate_up = mm(xs, layer.gate_up)
+        small = token_sorted.shape[0] <= K.EXPERT_GEMM_MAX_PAIRS
+        if small:  # Triton expert GEMM, reading the routed tokens' rows of h directly
+            gate_up = K.expert_gemm(h, layer.gate_up, offs, x_rows=token_sorted)
+        else:
+            gate_up = expert_mm(h[token_sorted], layer.gate_up, offs, expert_sorted, use_grouped)
         if layer.lora_gate_up is not None:
-            gate_up = gate_up + _expert_lora(xs, layer.lora_gate_up, offs, expert_sorted, use_grouped)
+            gate_up = gate_up + _expert_lora(h[token_sorted], layer.lora_gate_up, offs, expert_sorted, use_grouped)
         act = K.bias_swiglu(gate_up, layer.gate_up_b, expert_sorted, w.swiglu_alpha, w.swiglu_limit)
-        out = mm(act, layer.down)
+        if small:
+            out = K.expert_gemm(act, layer.down, offs)
+        else:
+            out = expert_mm(act, layer.down, offs, expert_sorted, use_grouped)
         if layer.lora_down is not None:
             out = out + _expert_lora(act, layer.lora_down, offs, expert_sorted, use_grouped)
         last = li + 1 == len(w.layers)

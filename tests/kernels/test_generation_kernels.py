@@ -100,6 +100,10 @@ def test_expert_gemm_matches_grouped_mm(kernels):
     ref = torch.bmm(x[:, None, :], weight[expert]).squeeze(1)
     got = kernels.expert_gemm(x, weight, offs)
     assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4)
+    tokens = torch.randint(0, 5, (x.shape[0],))  # rows read through an index (the routed tokens), no copy
+    source = torch.randn(5, 48)
+    ref = torch.bmm(source[tokens][:, None, :], weight[expert]).squeeze(1)
+    assert torch.allclose(kernels.expert_gemm(source, weight, offs, x_rows=tokens), ref, atol=1e-4, rtol=1e-4)
 
 
 def test_fused_step_matches_eager_step_across_the_window(kernels, monkeypatch):
