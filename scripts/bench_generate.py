@@ -54,7 +54,9 @@ def build_random_model(
     in the hidden state rarely flips an expert choice (a flip swaps a quarter of a layer's MLP output).
     tied_head adds tied_head * 0.02 * embedding[perm[v]] to lm_head row v (perm a fixed random permutation): the model
     then favours the token v with perm[v] == current token by a clear margin (a confident model) instead of the flat
-    logits of an untrained one. With embed_std 1 the margin is ~40 * tied_head logits."""
+    logits of an untrained one. Rough size with embed_std 1 on the 20b shape: the 48 attention/MLP outputs leave the
+    residual stream at rms ~5, so that token's logit is ~0.02 * tied_head * 2880 / 5 ~ 11 * tied_head, against a
+    maximum of ~5.5 over the random part of 201k logits (gpu_check_generate.py reports the measured margins)."""
     from transformers import GptOssConfig, GptOssForCausalLM
 
     config = GptOssConfig(vocab_size=201088, **PRESETS[preset])

@@ -308,7 +308,7 @@ def main() -> None:
     ap.add_argument("--parts", default="A,B")
     ap.add_argument("--embed-std", type=float, default=1.0, help="part B: token embedding std")
     ap.add_argument("--router-scale", type=float, default=0.01, help="part B: router weight multiplier")
-    ap.add_argument("--tied-head", type=float, default=0.25, help="part B: permuted-embedding share of lm_head")
+    ap.add_argument("--tied-head", type=float, default=2.0, help="part B: permuted-embedding share of lm_head")
     ap.add_argument("--out", default="gen-check")
     args = ap.parse_args()
     args.lens = [int(x) for x in args.prompt_lens.split(",")]
