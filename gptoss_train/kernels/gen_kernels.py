@@ -24,7 +24,7 @@ try:
 except ImportError:  # CPU-only installs: the eager decode step is used
     triton = None
 
-# route_sort runs as one program over all (token, expert) pairs; past this many pairs the eager sort is used.
+# route_sort runs as one program over all (token, expert) pairs; past this many pairs the eager step is used.
 MAX_FUSED_PAIRS = 512
 # expert_gemm replaces torch's grouped GEMM in the fused step up to this many (token, expert) pairs (0: never).
 EXPERT_GEMM_MAX_PAIRS = 0
