@@ -242,12 +242,14 @@ def _decode_native(library, blocks: torch.Tensor, scales: torch.Tensor, table: t
 
     if not transpose:
         out = torch.empty(*prefix, cols, dtype=dtype, device=blocks.device)
+        mxfp4_native.advise_huge_pages(out)
         run(out, 0, flat_scales.numel())
         return out
     # [matrices, in, out]: decode one matrix at a time, then write it transposed
     rows = prefix[-1]
     matrices = math.prod(prefix[:-1])
     out_t = torch.empty(matrices, cols, rows, dtype=dtype, device=blocks.device)
+    mxfp4_native.advise_huge_pages(out_t)
     staging = torch.empty(rows, cols, dtype=dtype, device=blocks.device)
     for m in range(matrices):
         run(staging, m * rows * groups, rows * groups)
@@ -339,6 +341,7 @@ def encode(
     per_chunk = max(1, (chunk_elements or _default_chunk(device)) // BLOCK_SIZE)
     kernel = "eager" if keep_scales is not None else _pick_kernel(kernel, device, n_blocks * BLOCK_SIZE, compile_on_cpu=True)
     if kernel == "native" and n_blocks:
+        mxfp4_native.advise_huge_pages(blocks)
         _encode_native(_native_library(device), x_blocks, rule, blocks, scales, (*prefix, cols),
                        _native_blocks_per_call(chunk_elements))
         return blocks.view(*prefix, groups, BYTES_PER_BLOCK), scales.view(*prefix, groups)

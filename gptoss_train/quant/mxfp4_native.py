@@ -247,3 +247,39 @@ def load() -> ctypes.CDLL | None:
 
 def rule_code(rule: str) -> int:
     return _RULE_CODES[rule]
+
+
+_MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux (x86-64, arm64, ...)
+_HUGE_PAGE = 1 << 21
+# outputs at least this big are worth it (a 20b gate_up stack decodes to 1 GiB of bf16)
+_HUGE_PAGE_MIN_BYTES = 64 << 20
+
+
+@functools.lru_cache(maxsize=None)
+def _libc():
+    try:
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return None
+    if "[never]" in mode or platform.machine() not in ("x86_64", "aarch64"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+def advise_huge_pages(tensor) -> None:
+    """Ask Linux to back a large, not yet written output with 2 MiB pages (transparent huge pages, ``madvise``).
+
+    Why: the codec's CPU time on big tensors was mostly spent in the kernel faulting in fresh 4 KiB pages (12.6 M
+    faults, 33 s of system time, for the 20b benchmark's 50 GB of outputs): one fault per 2 MiB instead costs about a
+    quarter. Best effort: without THP, or when the kernel has no huge page to give, nothing changes."""
+    nbytes = tensor.numel() * tensor.element_size()
+    libc = _libc() if nbytes >= _HUGE_PAGE_MIN_BYTES and os.environ.get("GPTOSS_MXFP4_HUGEPAGES", "") != "0" else None
+    if libc is None:
+        return
+    start = (tensor.data_ptr() + _HUGE_PAGE - 1) & ~(_HUGE_PAGE - 1)
+    length = (tensor.data_ptr() + nbytes - start) & ~(_HUGE_PAGE - 1)
+    if length > 0:
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_HUGEPAGE)  # failure is harmless
