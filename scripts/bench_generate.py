@@ -238,7 +238,7 @@ def profile_step(gen: FastGenerator, batch: int, kv_len: int, out_dir: Path) -> 
     return dict(batch=batch, kv_len=kv_len, kernels=kernels, kernel_ms=total_us / 1000, step=step_fn.__name__)
 
 
-def expert_gemm_microbench(gen: FastGenerator, batches=(1, 2, 4, 8, 16, 64)) -> list[dict]:
+def expert_gemm_microbench(gen: FastGenerator, batches=(1, 4, 16, 64)) -> list[dict]:
     """One layer's two expert products at decode sizes: torch's grouped GEMM vs gen_kernels.expert_gemm (a few
     tile configurations), median of CUDA-event timings (triton.testing.do_bench), with the bytes of the experts
     touched over time as an effective bandwidth. Picks EXPERT_GEMM_MAX_PAIRS / tiles from data, not guesses."""
@@ -249,9 +249,19 @@ def expert_gemm_microbench(gen: FastGenerator, batches=(1, 2, 4, 8, 16, 64)) -> 
 
     w = gen.weights
     layer = w.layers[0]
-    saved = (K.EXPERT_GEMM_BLOCK_N, K.EXPERT_GEMM_BLOCK_K, K.EXPERT_GEMM_STAGES)
+    saved = (K.EXPERT_GEMM_BLOCK_N, K.EXPERT_GEMM_BLOCK_K, K.EXPERT_GEMM_STAGES,
+             K.MXFP4_GEMM_BLOCK_N, K.MXFP4_GEMM_BLOCK_K, K.MXFP4_GEMM_STAGES)
     rows = []
     g = torch.Generator(device=gen.device).manual_seed(0)
+    from gptoss_train.kernels.moe import decode_mxfp4_experts
+
+    def random_mxfp4(weight):  # [E, in, out] bf16 -> blocks [E, out, in/32, 16], scales, decoded [E, in, out]
+        e, k, n = weight.shape
+        blocks = torch.randint(0, 256, (e, n, k // 32, 16), dtype=torch.uint8, device=gen.device, generator=g)
+        scales = torch.randint(116, 120, (e, n, k // 32), dtype=torch.uint8, device=gen.device, generator=g)
+        return blocks, scales, decode_mxfp4_experts(blocks, scales, w.dtype).transpose(-1, -2)
+
+    mxfp4_layer = (random_mxfp4(layer.gate_up), random_mxfp4(layer.down))
     for batch in batches:
         logits = torch.randn(batch, w.num_experts, device=gen.device, generator=g).to(w.dtype)
         _, _, expert_sorted, _, offs = route(logits, w.top_k, w.num_experts)
@@ -281,9 +291,28 @@ def expert_gemm_microbench(gen: FastGenerator, batches=(1, 2, 4, 8, 16, 64)) -> 
             if err < 1e-2 and (best is None or t < best[0]):
                 best = (t, bn, bk, st)
         row["best_triton"] = None if best is None else dict(us=best[0] * 1e3, tiles=best[1:])
+        # The same products from MXFP4 bytes (random codes, scale bytes 116-119 as in bench_train.py): the weights
+        # are decoded in registers, 0.53 bytes a weight read instead of 2.
+        mx_gu, mx_dn = mxfp4_layer
+        mx_ref = (expert_mm(xs, mx_gu[2], offs, expert_sorted, True), expert_mm(act, mx_dn[2], offs, expert_sorted, True))
+        mx_bytes = nbytes * (0.5 + 1 / 32) / 2
+        for bn, bk, st in ((64, 64, 3), (64, 128, 3), (32, 128, 3), (128, 64, 3), (64, 64, 5), (32, 64, 4)):
+            K.MXFP4_GEMM_BLOCK_N, K.MXFP4_GEMM_BLOCK_K, K.MXFP4_GEMM_STAGES = bn, bk, st
+            fn = lambda: (K.expert_gemm_mxfp4(xs, *mx_gu[:2], offs), K.expert_gemm_mxfp4(act, *mx_dn[:2], offs))  # noqa: E731
+            try:
+                got = fn()
+                err = max(_rel(got[0], mx_ref[0]), _rel(got[1], mx_ref[1]))
+                t = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+            except Exception as exc:  # noqa: BLE001
+                row[f"mxfp4_{bn}_{bk}_{st}"] = f"{type(exc).__name__}: {str(exc)[:100]}"
+                continue
+            row[f"mxfp4_{bn}_{bk}_{st}"] = dict(us=t * 1e3, tb_s=mx_bytes / t / 1e9, rel_err=err)
         rows.append(row)
         print(json.dumps(row))
-    K.EXPERT_GEMM_BLOCK_N, K.EXPERT_GEMM_BLOCK_K, K.EXPERT_GEMM_STAGES = saved
+    (K.EXPERT_GEMM_BLOCK_N, K.EXPERT_GEMM_BLOCK_K, K.EXPERT_GEMM_STAGES,
+     K.MXFP4_GEMM_BLOCK_N, K.MXFP4_GEMM_BLOCK_K, K.MXFP4_GEMM_STAGES) = saved
+    del mxfp4_layer
+    torch.cuda.empty_cache()
     return rows
 
 
@@ -352,7 +381,11 @@ def main() -> None:
           f"fused kernels: {gen.fused_kernels}")
     extra = {}
     if args.gemm_bench and device == "cuda":
-        extra["expert_gemm_microbench"] = expert_gemm_microbench(gen)
+        try:
+            extra["expert_gemm_microbench"] = expert_gemm_microbench(gen)
+        except Exception as err:  # noqa: BLE001 - a microbenchmark failure must not lose the benchmark rows
+            print(f"expert GEMM microbenchmark failed: {type(err).__name__}: {err}")
+            extra["expert_gemm_microbench"] = f"{type(err).__name__}: {str(err)[:300]}"
     if args.expert_gemm_max_pairs is not None:
         from gptoss_train.kernels import gen_kernels
 

@@ -29,6 +29,7 @@ MAX_FUSED_PAIRS = 512
 # expert_gemm replaces torch's grouped GEMM in the fused step up to this many (token, expert) pairs (0: never).
 EXPERT_GEMM_MAX_PAIRS = 0
 EXPERT_GEMM_BLOCK_N, EXPERT_GEMM_BLOCK_K, EXPERT_GEMM_STAGES = 64, 128, 4
+MXFP4_GEMM_BLOCK_N, MXFP4_GEMM_BLOCK_K, MXFP4_GEMM_STAGES = 64, 64, 3
 # decode attention reads a sequence's keys in chunks of this many, one program each (then a combine kernel)
 ATTENTION_SPLIT_LEN = 256
 
@@ -275,6 +276,54 @@ if triton is not None:
                      mask=rmask[:, None] & nmask[None, :])
 
 
+    @triton.jit
+    def _e2m1(code):
+        # E2M1 nibble -> float32: bit 3 sign, bits 2-1 exponent (bias 1), bit 0 mantissa; exponent 0 is subnormal.
+        magnitude = code & 7
+        exponent = magnitude >> 1
+        mantissa = (magnitude & 1).to(tl.float32)
+        power = ((exponent + 126) << 23).to(tl.float32, bitcast=True)
+        value = tl.where(exponent == 0, mantissa * 0.5, (1.0 + mantissa * 0.5) * power)
+        return tl.where((code & 8) != 0, -value, value)
+
+    @triton.jit
+    def _expert_gemm_mxfp4_kernel(x_ptr, x_rows_ptr, blocks_ptr, scales_ptr, offs_ptr, out_ptr, K: tl.constexpr,
+                                  N: tl.constexpr, GATHER: tl.constexpr, BLOCK_M: tl.constexpr,
+                                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # expert_gemm reading the checkpoint's MXFP4 bytes (HF layout: blocks [E, N, K/32, 16], scales [E, N, K/32]):
+        # each weight tile is decoded in registers (exact in bf16) and never written out: 0.53 bytes a weight.
+        e = tl.program_id(0)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < N
+        start = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
+        end = tl.load(offs_ptr + e)
+        wrow = e.to(tl.int64) * N + n  # [BLOCK_N] weight rows (output features)
+        for m0 in range(start, end, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            rmask = rows < end
+            src = rows.to(tl.int64)
+            if GATHER:
+                src = tl.load(x_rows_ptr + rows, mask=rmask, other=0).to(tl.int64)
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+                ks = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+                byte = tl.load(blocks_ptr + wrow[:, None] * (K // 2) + kb[None, :],
+                               mask=nmask[:, None] & (kb[None, :] < K // 2), other=0).to(tl.int32)
+                sbyte = tl.load(scales_ptr + wrow[:, None] * (K // 32) + ks[None, :],
+                                mask=nmask[:, None] & (ks[None, :] < K // 32), other=127).to(tl.int32)
+                scale = (sbyte << 23).to(tl.float32, bitcast=True)
+                vals = tl.interleave(_e2m1(byte & 15), _e2m1(byte >> 4))  # [BLOCK_N, BLOCK_K], even = low nibble
+                vals = tl.reshape(vals, [BLOCK_N, BLOCK_K // 32, 32]) * scale[:, :, None]
+                w = tl.reshape(vals, [BLOCK_N, BLOCK_K]).to(x_ptr.dtype.element_ty)
+                kk = k0 + tl.arange(0, BLOCK_K)
+                xt = tl.load(x_ptr + src[:, None] * K + kk[None, :], mask=rmask[:, None] & (kk[None, :] < K),
+                             other=0.0)
+                acc += tl.dot(xt, tl.trans(w))
+            tl.store(out_ptr + rows[:, None].to(tl.int64) * N + n[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=rmask[:, None] & nmask[None, :])
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -389,5 +438,20 @@ def expert_gemm(x: Tensor, weight: Tensor, offs: Tensor, x_rows: Tensor | None =
     _expert_gemm_kernel[(experts, triton.cdiv(n, block_n))](
         x, x if x_rows is None else x_rows, weight, offs, out, K=k, N=n, GATHER=x_rows is not None, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=EXPERT_GEMM_BLOCK_K,
         num_warps=4, num_stages=EXPERT_GEMM_STAGES,
+    )
+    return out
+
+
+def expert_gemm_mxfp4(x: Tensor, blocks: Tensor, scales: Tensor, offs: Tensor, x_rows: Tensor | None = None) -> Tensor:
+    """expert_gemm with the weight as MXFP4 bytes in the checkpoint layout: blocks [E, N, K/32, 16] uint8 and
+    scales [E, N, K/32] uint8 (N output features, K input features); same result as decoding to bf16 first."""
+    rows = x.shape[0] if x_rows is None else x_rows.shape[0]
+    experts, n, groups, _ = blocks.shape
+    k = groups * 32
+    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    block_n = MXFP4_GEMM_BLOCK_N
+    _expert_gemm_mxfp4_kernel[(experts, triton.cdiv(n, block_n))](
+        x, x if x_rows is None else x_rows, blocks, scales, offs, out, K=k, N=n, GATHER=x_rows is not None,
+        BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=MXFP4_GEMM_BLOCK_K, num_warps=4, num_stages=MXFP4_GEMM_STAGES,
     )
     return out

@@ -37,7 +37,7 @@ def test_fused_kernels_under_the_triton_interpreter():
     )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     passed = re.search(r"(\d+) passed", run.stdout)
-    assert passed and int(passed.group(1)) >= 4, run.stdout[-2000:]  # route_sort, expert_gemm, fused step, choice
+    assert passed and int(passed.group(1)) >= 5, run.stdout[-2000:]  # route_sort, 2 expert GEMMs, fused step, choice
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +104,23 @@ def test_expert_gemm_matches_grouped_mm(kernels):
     source = torch.randn(5, 48)
     ref = torch.bmm(source[tokens][:, None, :], weight[expert]).squeeze(1)
     assert torch.allclose(kernels.expert_gemm(source, weight, offs, x_rows=tokens), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_expert_gemm_reads_mxfp4_like_its_decoded_weights(kernels):
+    from gptoss_train.quant.mxfp4 import decode, encode
+
+    torch.manual_seed(2)
+    dense = torch.randn(3, 80, 96)  # [E, N out, K in]: K = 3 blocks of 32, the last chunk of 64 half-masked
+    blocks, scales = encode(dense)
+    weight = decode(blocks, scales, dtype=torch.float32).transpose(-1, -2)  # [E, K, N]
+    counts = torch.tensor([2, 0, 17])
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    tokens = torch.randint(0, 6, (int(counts.sum()),))
+    source = torch.randn(6, 96)
+    expert = torch.repeat_interleave(torch.arange(3), counts)
+    ref = torch.bmm(source[tokens][:, None, :], weight[expert]).squeeze(1)
+    got = kernels.expert_gemm_mxfp4(source, blocks, scales, offs, x_rows=tokens)
+    assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4)
 
 
 def test_fused_step_matches_eager_step_across_the_window(kernels, monkeypatch):
