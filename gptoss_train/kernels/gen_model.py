@@ -68,9 +68,9 @@ class LayerWeights:
     sinks: Tensor  # [heads]
     router_w: Tensor
     router_b: Tensor
-    gate_up: Tensor  # [E, hidden, 2 * inter], rows interleaved gate/up as in the checkpoint
+    gate_up: Tensor | None  # [E, hidden, 2 * inter], rows interleaved gate/up as in the checkpoint (None: MXFP4)
     gate_up_b: Tensor
-    down: Tensor  # [E, inter, hidden]
+    down: Tensor | None  # [E, inter, hidden] (None: MXFP4)
     down_b: Tensor
     lora_q: LinearLoRA | None = None
     lora_k: LinearLoRA | None = None
@@ -78,6 +78,21 @@ class LayerWeights:
     lora_o: LinearLoRA | None = None
     lora_gate_up: ExpertLoRA | None = None
     lora_down: ExpertLoRA | None = None
+    # MXFP4 bytes kept as they are (checkpoint layout: blocks [E, out, in/32, 16], scales [E, out, in/32]); the fused
+    # decode step reads them directly, everything else decodes one layer at a time (`dense_experts`).
+    gate_up_mx: tuple[Tensor, Tensor] | None = None
+    down_mx: tuple[Tensor, Tensor] | None = None
+
+
+def dense_experts(layer: LayerWeights) -> tuple[Tensor, Tensor]:
+    """[E, in, out] expert matrices in the compute dtype: views of the model, or (MXFP4 kept) decoded for this call."""
+    if layer.gate_up is not None:
+        return layer.gate_up, layer.down
+    from gptoss_train.kernels.moe import decode_mxfp4_experts
+
+    dtype = layer.gate_up_b.dtype
+    return (decode_mxfp4_experts(*layer.gate_up_mx, dtype).transpose(-1, -2),
+            decode_mxfp4_experts(*layer.down_mx, dtype).transpose(-1, -2))
 
 
 @dataclass
@@ -168,7 +183,7 @@ def _experts_with_lora(experts) -> tuple[object, dict[str, ExpertLoRA]]:
     return module, loras
 
 
-def _dense_expert_weights(experts, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def _dense_expert_weights(experts, dtype: torch.dtype, keep_mxfp4: bool = False):
     """[E, in, out] expert matrices in the compute dtype.
 
     MXFP4-resident experts (gptoss_train.kernels.moe.attach_mxfp4_experts: `*_blocks`/`*_scales` buffers beside
@@ -177,6 +192,8 @@ def _dense_expert_weights(experts, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """
     mxfp4 = getattr(experts, "gate_up_proj_blocks", None) is not None
     if mxfp4 and getattr(experts, "down_proj_blocks", None) is not None:
+        if keep_mxfp4:
+            return None, None
         from gptoss_train.quant.mxfp4 import decode
 
         gu = decode(experts.gate_up_proj_blocks, experts.gate_up_proj_scales, dtype=dtype, transpose=True)
@@ -199,8 +216,11 @@ def unwrap_peft(model):
     return inner
 
 
-def collect_weights(model, max_seq_len: int) -> ModelWeights:
-    """Views of `model`'s parameters (plus the stacked QKV) in the layout the generation forward wants."""
+def collect_weights(model, max_seq_len: int, keep_mxfp4: bool = False) -> ModelWeights:
+    """Views of `model`'s parameters (plus the stacked QKV) in the layout the generation forward wants.
+
+    keep_mxfp4: MXFP4-resident experts stay MXFP4 (the fused decode step reads the bytes) instead of being decoded
+    to a resident bf16 copy."""
     base = unwrap_peft(model)
     cfg = base.config
     if getattr(cfg, "model_type", None) != "gpt_oss":
@@ -221,7 +241,8 @@ def collect_weights(model, max_seq_len: int) -> ModelWeights:
         unknown = set(expert_loras) - {"gate_up_proj", "down_proj"}
         if unknown:
             raise UnsupportedModel(f"LoRA on expert parameters {sorted(unknown)} is not supported")
-        gate_up, down = _dense_expert_weights(experts, dtype)
+        gate_up, down = _dense_expert_weights(experts, dtype, keep_mxfp4)
+        mx = gate_up is None
         qkv_b = None
         if q.bias is not None:
             qkv_b = torch.cat([q.bias, k.bias, v.bias]).detach()
@@ -248,6 +269,8 @@ def collect_weights(model, max_seq_len: int) -> ModelWeights:
                 lora_o=lo,
                 lora_gate_up=expert_loras.get("gate_up_proj"),
                 lora_down=expert_loras.get("down_proj"),
+                gate_up_mx=(experts.gate_up_proj_blocks, experts.gate_up_proj_scales) if mx else None,
+                down_mx=(experts.down_proj_blocks, experts.down_proj_scales) if mx else None,
             )
         )
     first_experts, _ = _experts_with_lora(core.layers[0].mlp.experts)
@@ -377,11 +400,12 @@ def moe(w: ModelWeights, layer: LayerWeights, h: Tensor, use_grouped: bool) -> T
     logits = F.linear(h, layer.router_w, layer.router_b)
     scores_sorted, order, expert_sorted, token_sorted, offs = KERNELS["route"](logits, w.top_k, w.num_experts)
     x = h[token_sorted]
-    gate_up = expert_mm(x, layer.gate_up, offs, expert_sorted, use_grouped) + layer.gate_up_b[expert_sorted]
+    gate_up_w, down_w = dense_experts(layer)
+    gate_up = expert_mm(x, gate_up_w, offs, expert_sorted, use_grouped) + layer.gate_up_b[expert_sorted]
     if layer.lora_gate_up is not None:
         gate_up = gate_up + _expert_lora(x, layer.lora_gate_up, offs, expert_sorted, use_grouped)
     act = KERNELS["swiglu"](gate_up, w.swiglu_alpha, w.swiglu_limit)
-    out = expert_mm(act, layer.down, offs, expert_sorted, use_grouped) + layer.down_b[expert_sorted]
+    out = expert_mm(act, down_w, offs, expert_sorted, use_grouped) + layer.down_b[expert_sorted]
     if layer.lora_down is not None:
         out = out + _expert_lora(act, layer.lora_down, offs, expert_sorted, use_grouped)
     return KERNELS["combine"](out, scores_sorted, order, w.top_k, h.dtype)
@@ -620,15 +644,20 @@ def decode_step_fused(
         x, h = K.add_rms_norm(x, out_projection(layer, attn), layer.post_norm, layer.norm_eps)
         logits = F.linear(h, layer.router_w, layer.router_b)
         scores, _, expert_sorted, token_sorted, offs, inv = K.route_sort(logits, w.top_k, h.dtype)
+        mx = layer.gate_up_mx is not None
         small = token_sorted.shape[0] <= K.EXPERT_GEMM_MAX_PAIRS
-        if small:  # Triton expert GEMM, reading the routed tokens' rows of h directly
+        if mx:  # MXFP4 bytes decoded in registers, any batch
+            gate_up = K.expert_gemm_mxfp4(h, *layer.gate_up_mx, offs, x_rows=token_sorted)
+        elif small:  # Triton expert GEMM, reading the routed tokens' rows of h directly
             gate_up = K.expert_gemm(h, layer.gate_up, offs, x_rows=token_sorted)
         else:
             gate_up = expert_mm(h[token_sorted], layer.gate_up, offs, expert_sorted, use_grouped)
         if layer.lora_gate_up is not None:
             gate_up = gate_up + _expert_lora(h[token_sorted], layer.lora_gate_up, offs, expert_sorted, use_grouped)
         act = K.bias_swiglu(gate_up, layer.gate_up_b, expert_sorted, w.swiglu_alpha, w.swiglu_limit)
-        if small:
+        if mx:
+            out = K.expert_gemm_mxfp4(act, *layer.down_mx, offs)
+        elif small:
             out = K.expert_gemm(act, layer.down, offs)
         else:
             out = expert_mm(act, layer.down, offs, expert_sorted, use_grouped)

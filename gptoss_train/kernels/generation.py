@@ -50,7 +50,7 @@ def fast_generation_available(model) -> bool:
             return False
         if base.model.embed_tokens.weight.device.type != "cuda":
             return False
-        collect_weights(model, max_seq_len=1)
+        collect_weights(model, max_seq_len=1, keep_mxfp4=True)  # structure only: decodes nothing
     except (UnsupportedModel, AttributeError, ImportError):
         return False
     return True
@@ -108,6 +108,7 @@ class FastGenerator:
         adapter=None,
         prefill_tokens: int = 8192,
         fused_kernels: bool | None = None,
+        keep_mxfp4: bool | None = None,
     ):
         if max_batch < 1 or max_seq_len < 2:
             raise ValueError(f"max_batch must be >= 1 and max_seq_len >= 2, got {max_batch} and {max_seq_len}")
@@ -117,13 +118,18 @@ class FastGenerator:
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
         self.prefill_tokens = prefill_tokens
-        with torch.no_grad():
-            self.weights: ModelWeights = collect_weights(model, max_seq_len)
-        self.device = self.weights.device
-        self.use_grouped = grouped_mm_supported(self.weights.layers[0].gate_up)
-        self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
+        on_cuda = unwrap_peft(model).model.embed_tokens.weight.device.type == "cuda"
         # Triton-fused decode step (gen_kernels) on CUDA by default; the eager step elsewhere or when asked.
-        self.fused_kernels = self.device.type == "cuda" if fused_kernels is None else fused_kernels
+        self.fused_kernels = on_cuda if fused_kernels is None else fused_kernels
+        if keep_mxfp4 is None:
+            from gptoss_train.kernels import gen_kernels
+
+            keep_mxfp4 = self.fused_kernels and on_cuda and gen_kernels.available(torch.device("cuda"))
+        with torch.no_grad():
+            self.weights: ModelWeights = collect_weights(model, max_seq_len, keep_mxfp4=keep_mxfp4)
+        self.device = self.weights.device
+        self.use_grouped = grouped_mm_supported(self.weights.embed)
+        self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
         self.cache = KVCache(self.weights, max_batch, max_seq_len)
         self._length_buckets = _length_buckets(max_seq_len)
         self._batch_buckets = _batch_buckets(max_batch)

@@ -37,7 +37,7 @@ def test_fused_kernels_under_the_triton_interpreter():
     )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     passed = re.search(r"(\d+) passed", run.stdout)
-    assert passed and int(passed.group(1)) >= 5, run.stdout[-2000:]  # route_sort, 2 expert GEMMs, fused step, choice
+    assert passed and int(passed.group(1)) >= 6, run.stdout[-2000:]  # route_sort, 2 GEMMs, 2 fused steps, choice
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +70,8 @@ def test_fused_step_is_chosen_where_it_applies(monkeypatch):
     assert not fused_decode_supported(w, batch=gen_kernels.MAX_FUSED_PAIRS, use_grouped=True)  # top-2: too many pairs
 
 
-def _prefilled(model, prompts, max_seq_len=48):
-    w = collect_weights(model, max_seq_len=max_seq_len)
+def _prefilled(model, prompts, max_seq_len=48, keep_mxfp4=False):
+    w = collect_weights(model, max_seq_len=max_seq_len, keep_mxfp4=keep_mxfp4)
     cache = KVCache(w, slots=len(prompts), max_seq_len=max_seq_len)
     first = prefill(w, cache, prompts, list(range(len(prompts))), use_grouped=True).argmax(-1)
     return w, cache, first
@@ -145,3 +145,27 @@ def test_fused_step_matches_eager_step_across_the_window(kernels, monkeypatch):
             assert torch.allclose(cache_a.v[li], cache_b.v[li], atol=1e-5)
         tokens = ref.argmax(-1)
         positions = positions + 1
+
+
+def test_fused_step_reads_mxfp4_experts_like_the_decoded_model(kernels):
+    from gptoss_train.kernels.moe import attach_mxfp4_experts
+    from gptoss_train.quant.mxfp4 import encode
+
+    model = _tiny_model(seed=4)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            packed = []
+            for name in ("gate_up_proj", "down_proj"):
+                packed += encode(getattr(layer.mlp.experts, name).detach().transpose(-1, -2).contiguous())
+            attach_mxfp4_experts(layer.mlp.experts, *packed)
+    prompts = [PROMPTS[0], PROMPTS[2]]
+    w_dense, cache_a, first = _prefilled(model, prompts)  # experts decoded to a resident copy
+    w_mx, cache_b, first_mx = _prefilled(model, prompts, keep_mxfp4=True)  # bytes kept; prefill decodes per layer
+    assert w_mx.layers[0].gate_up is None and w_mx.layers[0].gate_up_mx is not None
+    assert torch.equal(first, first_mx)
+    tokens, positions = first, torch.tensor([len(p) for p in prompts])
+    for _ in range(4):
+        ref = decode_step(w_dense, cache_a, tokens, positions, 48, use_grouped=True)
+        got = decode_step_fused(w_mx, cache_b, tokens, positions, 48, use_grouped=True)
+        assert float((got - ref).norm() / ref.norm()) < 1e-4
+        tokens, positions = ref.argmax(-1), positions + 1
