@@ -91,6 +91,26 @@ def build_random_model(
     return model
 
 
+def make_experts_mxfp4(model, seed: int = 0) -> None:
+    """Replace every layer's bf16 experts by random MXFP4 bytes held resident (kernels.moe.attach_mxfp4_experts):
+    random E2M1 codes with scale bytes 116-119 (weights of magnitude ~2^-11..2^-6, as in bench_train.py)."""
+    from gptoss_train.kernels.moe import attach_mxfp4_experts
+
+    g = torch.Generator(device=model.device).manual_seed(seed)
+    for layer in model.model.layers:
+        experts = layer.mlp.experts
+        packed = []
+        for name in ("gate_up_proj", "down_proj"):
+            e, k, n = getattr(experts, name).shape  # [E, in, out] -> HF layout [E, out, in/32, 16]
+            packed.append(torch.randint(0, 256, (e, n, k // 32, 16), dtype=torch.uint8, device=model.device,
+                                        generator=g))
+            packed.append(torch.randint(116, 120, (e, n, k // 32), dtype=torch.uint8, device=model.device,
+                                        generator=g))
+        attach_mxfp4_experts(experts, *packed)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def use_stock_experts(model, implementation: str) -> str:
     """Select transformers' experts implementation (API moved between 5.x releases)."""
     setter = getattr(model, "set_experts_implementation", None)
@@ -321,11 +341,12 @@ def _rel(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
-def weight_bytes_per_step(model, batch: int) -> float:
-    """Fewest bytes one decode step must read: attention + router + lm_head + the experts the batch can touch."""
+def weight_bytes_per_step(model, batch: int, mxfp4: bool = False) -> float:
+    """Fewest bytes one decode step must read: attention + router + lm_head + the experts the batch can touch
+    (2 bytes a weight in bf16; MXFP4: half a byte plus one scale byte per 32)."""
     cfg = model.config
     h, e, k = cfg.hidden_size, cfg.num_local_experts, cfg.num_experts_per_tok
-    expert = (h * 2 * cfg.intermediate_size + cfg.intermediate_size * h) * 2
+    expert = (h * 2 * cfg.intermediate_size + cfg.intermediate_size * h) * (0.5 + 1 / 32 if mxfp4 else 2)
     attn = (h * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim * 2) * 2
     touched = min(e, batch * k)
     per_layer = attn + touched * expert + h * e * 2
@@ -350,6 +371,9 @@ def main() -> None:
                          "torch grouped GEMM only)")
     ap.add_argument("--compiled-batches", default="", help="also time these batches with torch.compile'd pieces")
     ap.add_argument("--compiled-prompt", type=int, default=512)
+    ap.add_argument("--mxfp4", action="store_true",
+                    help="experts as resident MXFP4 bytes (random codes); ours reads them directly. No stock rows "
+                         "(transformers would need them decoded to bf16)")
     ap.add_argument("--out", default="bench-generate")
     args = ap.parse_args()
     out_dir = Path(args.out)
@@ -373,6 +397,10 @@ def main() -> None:
     model = build_random_model(args.preset, device, dtype)
     params = sum(p.numel() for p in model.parameters()) / 1e9
     print(f"model built in {time.perf_counter() - t0:.1f}s; {params:.2f}B params")
+    if args.mxfp4:
+        make_experts_mxfp4(model)
+        args.no_stock = True
+        env["experts"] = "mxfp4"
     rows = []
 
     max_len = max(lengths) + args.new + 8
@@ -409,7 +437,7 @@ def main() -> None:
                 row["impl"] = name
                 row["fused_in_use"] = gen.fused_kernels
                 row["expert_gemm_max_pairs"] = gen_kernels.EXPERT_GEMM_MAX_PAIRS
-                row["floor_ms"] = weight_bytes_per_step(model, batch) / 3.0e12 * 1000  # ~3 TB/s read
+                row["floor_ms"] = weight_bytes_per_step(model, batch, args.mxfp4) / 3.0e12 * 1000  # ~3 TB/s read
                 rows.append(row)
                 print(json.dumps(row))
         if gen.stats.fused_error:
