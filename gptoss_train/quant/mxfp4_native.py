@@ -65,28 +65,20 @@ void mxfp4_decode_u64(const uint8_t *blocks, const uint8_t *scales, const uint64
     }
 }
 
-/* The reference's _round_to_grid on 16 scaled magnitudes y >= 0: E2M1 codes (round half to even, saturating at 6)
-   with e = clamp(biased exponent, 127, 129) and code = rint(y * 2**(128-e)) + 2(e-127); optionally the grid values
-   rint(..) * 2**(e-128) (a product by a power of two: exactly the reference's division by 2**(128-e)). */
-static inline void round_to_grid(const float *y, int32_t *code, float *value) {
-    for (int i = 0; i < 16; i++) {
-        float v = y[i] < 6.0f ? y[i] : 6.0f;
-        int32_t e = (int32_t)(bits_from_f32(v) >> 23);
-        e = e < 127 ? 127 : (e > 129 ? 129 : e);
-        float steps = rintf(v * f32_from_bits((uint32_t)(255 - e) << 23));
-        code[i] = (int32_t)steps + ((e - 127) << 1);
-        if (value) value[i] = steps * f32_from_bits((uint32_t)(e - 1) << 23);
-    }
+/* The reference's _round_to_grid for one scaled magnitude y >= 0: its E2M1 code (round half to even, saturating at
+   6) with e = clamp(biased exponent, 127, 129) and code = rint(y * 2**(128-e)) + 2(e-127); and the grid value
+   rint(..) * 2**(e-128) (a product by a power of two: exactly the reference's division by 2**(128-e)). Written per
+   element and inlined into 16-lane loops, which the compiler turns into vector code. */
+static inline int32_t grid_code(float y, float *value) {
+    float v = y < 6.0f ? y : 6.0f;
+    int32_t e = (int32_t)(bits_from_f32(v) >> 23);
+    e = e < 127 ? 127 : (e > 129 ? 129 : e);
+    float steps = rintf(v * f32_from_bits((uint32_t)(255 - e) << 23));
+    *value = steps * f32_from_bits((uint32_t)(e - 1) << 23);
+    return (int32_t)steps + ((e - 127) << 1);
 }
 
-/* sum of (y - factor * value)^2 over 16 lanes in float32. Each difference is exact, each square and the sum carry a
-   relative error below 32 * 2**-24 (all terms are >= 0); the caller's margin covers that. */
-static inline float squared_error(const float *y, const float *value, float factor) {
-    float terms[16];
-    for (int i = 0; i < 16; i++) {
-        float d = y[i] - factor * value[i];
-        terms[i] = d * d;
-    }
+static inline float sum16(const float *terms) {
     float partial[8];
     for (int i = 0; i < 8; i++) partial[i] = terms[i] + terms[i + 8];
     for (int i = 0; i < 4; i++) partial[i] += partial[i + 4];
@@ -115,26 +107,26 @@ static inline uint32_t encode_block(const uint32_t *lo, const uint32_t *hi, int 
     ceil_rule = ceil_rule < -127 ? -127 : (ceil_rule > 127 ? 127 : ceil_rule);
     int32_t chosen = rule == RULE_NOCLIP ? ceil_rule : floor_rule;
     float inverse = f32_from_bits((uint32_t)(127 - chosen) << 23); /* 2**-chosen, exact: chosen <= 126 if finite */
-    float y_lo[16], y_hi[16];
     int32_t code_lo[16], code_hi[16];
-    for (int i = 0; i < 16; i++) {
-        y_lo[i] = f32_from_bits(lo[i] & 0x7fffffffu) * inverse;
-        y_hi[i] = f32_from_bits(hi[i] & 0x7fffffffu) * inverse;
-    }
     if (rule == RULE_BEST && ceil_rule != floor_rule) {
-        /* the ceil scale is twice the floor one: quantize y / 2 too and compare squared errors in floor units */
-        float value_lo[16], value_hi[16], half_lo[16], half_hi[16], ceil_value_lo[16], ceil_value_hi[16];
+        /* the ceil scale is twice the floor one: quantize y / 2 too, and compare the squared errors in floor units
+           (float32 sums: each difference is exact and every term >= 0, so a sum is within ~8 * 2**-24 relative) */
         int32_t ceil_lo[16], ceil_hi[16];
-        round_to_grid(y_lo, code_lo, value_lo);
-        round_to_grid(y_hi, code_hi, value_hi);
+        float err_floor_terms[16], err_ceil_terms[16];
         for (int i = 0; i < 16; i++) {
-            half_lo[i] = y_lo[i] * 0.5f;
-            half_hi[i] = y_hi[i] * 0.5f;
+            float y_lo = f32_from_bits(lo[i] & 0x7fffffffu) * inverse;
+            float y_hi = f32_from_bits(hi[i] & 0x7fffffffu) * inverse;
+            float v_lo, v_hi, w_lo, w_hi;
+            code_lo[i] = grid_code(y_lo, &v_lo);
+            code_hi[i] = grid_code(y_hi, &v_hi);
+            ceil_lo[i] = grid_code(y_lo * 0.5f, &w_lo);
+            ceil_hi[i] = grid_code(y_hi * 0.5f, &w_hi);
+            float d_lo = y_lo - v_lo, d_hi = y_hi - v_hi;
+            float e_lo = y_lo - 2.0f * w_lo, e_hi = y_hi - 2.0f * w_hi;
+            err_floor_terms[i] = d_lo * d_lo + d_hi * d_hi;
+            err_ceil_terms[i] = e_lo * e_lo + e_hi * e_hi;
         }
-        round_to_grid(half_lo, ceil_lo, ceil_value_lo);
-        round_to_grid(half_hi, ceil_hi, ceil_value_hi);
-        float err_floor = squared_error(y_lo, value_lo, 1.0f) + squared_error(y_hi, value_hi, 1.0f);
-        float err_ceil = squared_error(y_lo, ceil_value_lo, 2.0f) + squared_error(y_hi, ceil_value_hi, 2.0f);
+        float err_floor = sum16(err_floor_terms), err_ceil = sum16(err_ceil_terms);
         float diff = err_ceil - err_floor;
         float larger = err_ceil > err_floor ? err_ceil : err_floor;
         /* float32 sums cannot order near-ties the way the reference's float64 sums do: the caller redoes these */
@@ -145,8 +137,11 @@ static inline uint32_t encode_block(const uint32_t *lo, const uint32_t *hi, int 
             memcpy(code_hi, ceil_hi, sizeof code_hi);
         }
     } else {
-        round_to_grid(y_lo, code_lo, 0);
-        round_to_grid(y_hi, code_hi, 0);
+        for (int i = 0; i < 16; i++) {
+            float unused;
+            code_lo[i] = grid_code(f32_from_bits(lo[i] & 0x7fffffffu) * inverse, &unused);
+            code_hi[i] = grid_code(f32_from_bits(hi[i] & 0x7fffffffu) * inverse, &unused);
+        }
     }
     /* the sign goes to code bit 3, for zeros and values rounded to zero too */
     for (int i = 0; i < 16; i++)
