@@ -25,9 +25,12 @@ gguf-py encodes with a float ``log2`` that is wrong a few ulps below powers of t
 
 Three implementations give the same bits (tested): ``eager`` (vectorised torch, processed in chunks of
 ``chunk_elements`` so the extra memory is bounded whatever the tensor size; the reference), ``compiled`` (the same
-arithmetic through torch.compile: triton on CUDA) and ``native`` (a small C kernel, CPU only, built on first use with
-the system compiler: ``mxfp4_native``). ``kernel=None`` picks native on CPU when it builds, compiled for large CUDA
-tensors, eager otherwise.
+arithmetic through torch.compile: triton on CUDA, inductor C++ on CPU) and ``native`` (a small C kernel, CPU only,
+built on first use with the system compiler and run on torch's thread count: ``mxfp4_native``). ``kernel=None`` picks
+native on CPU when it builds, compiled for large CUDA tensors, eager otherwise; ``GPTOSS_MXFP4_KERNEL`` sets the
+default. Why native on CPU: for all 20b experts (19.1 G weights, 2-core CPU) eager + inductor took ~106 s of CPU
+time, the native kernel ~40 s, most of it the kernel faulting in the 50 GB of fresh output pages
+(``scripts/bench_mxfp4.py``).
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ _DEFAULT_CHUNK_CUDA = 1 << 27
 # CPU); below it the one-off compile (10-40 s) does not pay. GPTOSS_MXFP4_COMPILE=0 turns it off, =1 forces it.
 _COMPILE_MIN_ELEMENTS = 1 << 26
 _compile_failed: set[str] = set()
-# blocks per native call: 1M elements, a few MB in and out (cache-sized), and enough calls to balance the threads
+# blocks per native call: 1M elements, a few MB in and out, and enough calls to balance the threads
 _NATIVE_CHUNK_BLOCKS = 1 << 15
 
 
