@@ -110,18 +110,24 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
+try:  # imported here, not inside _flex_with_lse, which dynamo traces as part of a compiled decoder layer
+    from torch.nn.attention.flex_attention import flex_attention as _flex_attention
+except ImportError:  # torch without FlexAttention: the CPU reference path still works
+    _flex_attention = None
+try:  # torch >= 2.9 asks for auxiliary outputs through AuxRequest; older versions take return_lse
+    from torch.nn.attention.flex_attention import AuxRequest as _AuxRequest
+except ImportError:
+    _AuxRequest = None
+
+
 def _flex_with_lse(query, key, value, block_mask, scaling):
-    if torch.compiler.is_compiling():  # inside a compiled decoder layer (kernels/layer.py): flex is traced in place
-        from torch.nn.attention.flex_attention import flex_attention as flex
-    else:
-        flex = _compiled_flex()
-    try:  # torch >= 2.9 asks for auxiliary outputs through AuxRequest; older versions take return_lse
-        from torch.nn.attention.flex_attention import AuxRequest
+    # Inside a compiled decoder layer (kernels/layer.py) flex is traced in place; eager callers use the compiled one.
+    flex = _flex_attention if torch.compiler.is_compiling() else _compiled_flex()
+    if _AuxRequest is not None:
         out, aux = flex(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=True,
-                        return_aux=AuxRequest(lse=True))
+                        return_aux=_AuxRequest(lse=True))
         return out, aux.lse
-    except ImportError:
-        return flex(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=True, return_lse=True)
+    return flex(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=True, return_lse=True)
 
 
 class _BlockMaskCache:
