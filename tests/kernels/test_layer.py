@@ -84,3 +84,29 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
         fast_loss = fast(input_ids=ids, labels=ids).loss
     assert "float32" in compile_failure()
     assert rel_err(fast_loss, reference(input_ids=ids, labels=ids).loss) < 1e-5
+
+
+def test_flex_branch_of_the_compiled_body_traces_whole():
+    """The CUDA branch (FlexAttention given a prebuilt BlockMask, lse, sink fold) traced in one graph and equal to the
+    dense reference. CPU FlexAttention has no backward, so this checks forward only; gpu_check_train.py does both."""
+    from torch._dynamo.utils import counters
+
+    from gptoss_train.kernels.attention import layer_block_mask
+    from gptoss_train.kernels.layer import decoder_layer_body
+
+    torch._dynamo.reset()
+    model = add_lora(build_tiny_model())
+    enable_fast_training(model, force=True, compile_layers=False)
+    base = model.get_base_model().model
+    hidden = torch.randn(2, 128, 64, generator=torch.Generator().manual_seed(5))
+    positions = torch.cat([torch.arange(80), torch.arange(48)])[None]  # two packed documents
+    with torch.no_grad():
+        embeddings = base.rotary_emb(hidden, positions)
+        compiled = torch.compile(decoder_layer_body, backend="aot_eager", dynamic=False)
+        for layer in base.layers:  # sliding window, then full
+            expected = layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=embeddings)
+            block_mask = layer_block_mask(None, positions, layer.self_attn.sliding_window, 2, 128, "cpu")
+            counters.clear()
+            got = compiled(layer, hidden, embeddings, None, None, block_mask)
+            assert not counters["graph_break"], dict(counters["graph_break"])
+            assert rel_err(got, expected) < 1e-5
