@@ -8,6 +8,7 @@ OUT=${OUT:-/tmp/gpu_train_fast_path}
 mkdir -p "$OUT/bench"
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 status=0
+export TORCH_LOGS="${TORCH_LOGS:-recompiles}"   # one line per recompilation, with the guard that failed
 # the benchmark first: if the call runs out of time, its numbers are already under $OUT
 python scripts/bench_train.py --steps "${STEPS:-3}" --warmup "${WARMUP:-2}" --phases "${PHASES:-hf,fast,fast_eager}" \
   ${BENCH_ARGS:-} --out "$OUT/bench" 2>&1 | grep -v -e FutureWarning -e "warnings.warn" | tee "$OUT/bench.log" || status=1
