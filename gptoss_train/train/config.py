@@ -285,7 +285,16 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     _build(SFTConfig, data, source)
     for key, value in parse_overrides(list(overrides or [])):
         _apply_override(data, key, value)
-    return _build(SFTConfig, data, f"{source} + command line" if overrides else source)
+    cfg = _build(SFTConfig, data, f"{source} + command line" if overrides else source)
+    if cfg.train.resume:
+        # Here, not only when the trainer resumes: a config that cannot resume is reported before the model loads.
+        from gptoss_train.train.trainer import find_latest_checkpoint
+
+        checkpoint = (find_latest_checkpoint(cfg.train.output_dir) if cfg.train.resume == "latest"
+                      else cfg.train.resume)
+        if checkpoint is not None:
+            check_resume_config(cfg, checkpoint)
+    return cfg
 
 
 def save_config(cfg: SFTConfig, path: str | os.PathLike) -> Path:
@@ -298,6 +307,59 @@ def save_config(cfg: SFTConfig, path: str | os.PathLike) -> Path:
     os.chmod(tmp, 0o644)  # mkstemp creates 0600; these are ordinary output files
     os.replace(tmp, path)
     return path
+
+
+# Settings that may differ between a run and its resumption: how long it goes on, where and how it reports. Anything
+# else changes what the checkpoint's weights, optimizer state or data order mean (a LoRA rank, the rows, the lr ...).
+RESUME_MAY_CHANGE = frozenset({
+    "train.steps", "train.epochs", "train.resume", "train.output_dir", "train.save_every", "train.save_total_limit",
+    "train.logging", "train.log_every", "train.progress", "train.merge", "data.eval_files", "fast_path",
+})
+
+
+def _flat_sections(data: dict) -> dict[str, Any]:
+    flat = {}
+    for key, value in data.items():
+        if key in SECTIONS and isinstance(value, dict):
+            flat.update({f"{key}.{name}": item for name, item in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def resume_config_changes(checkpoint_config: dict, cfg: SFTConfig) -> list[tuple[str, Any, Any]]:
+    """(key, checkpoint value, current value) for every setting that must not change on resume.
+
+    Keys the checkpoint's config does not have (written by an older version) are not compared."""
+    saved = _flat_sections(checkpoint_config or {})
+    # a YAML round trip, so both sides have the same value types (lists, not tuples)
+    current = _flat_sections(yaml.safe_load(yaml.safe_dump(config_to_dict(cfg))))
+    return [(key, saved[key], value) for key, value in current.items()
+            if key in saved and key not in RESUME_MAY_CHANGE and saved[key] != value]
+
+
+def check_resume_config(cfg: SFTConfig, checkpoint: str | os.PathLike) -> None:
+    """Refuse to resume ``checkpoint`` under a config that changes its meaning, naming every changed key.
+
+    Without this check a changed LoRA rank or module list dies deep inside the state-dict or optimizer loading
+    (size mismatch, KeyError), and a changed data setting silently continues on other rows."""
+    path = Path(checkpoint) / "config.yaml"
+    if not path.exists():  # checkpoints written before configs were saved with them
+        return
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error}); resume from another checkpoint") from None
+    changes = resume_config_changes(saved, cfg)
+    if not changes:
+        return
+    lines = "\n".join(f"  {key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in changes)
+    raise ConfigError(
+        f"cannot resume {checkpoint}: the config differs from the one it was trained with:\n{lines}\n"
+        "These settings change what the checkpoint's weights, optimizer state or data order mean. Either resume "
+        f"with the checkpoint's settings (drop those overrides, or --config {path}), or start a new run "
+        "(another train.output_dir, or no --resume). Only "
+        f"{', '.join(sorted(RESUME_MAY_CHANGE))} may change on resume.")
 
 
 def split_cli(argv: list[str]) -> tuple[str | None, list[str]]:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from gptoss_train.train.callbacks import LossCurveCallback, RichProgressCallback, ThroughputCallback
-from gptoss_train.train.config import ConfigError, SFTConfig, save_config
+from gptoss_train.train.config import ConfigError, SFTConfig, check_resume_config, save_config
 
 log = logging.getLogger("gptoss_train.train")
 
@@ -160,10 +160,12 @@ def resolve_resume(cfg: SFTConfig) -> str | None:
         if latest is None:
             log.info("resume latest: no checkpoint in %s yet, starting fresh", cfg.train.output_dir)
         else:
+            check_resume_config(cfg, latest)
             print(f"resuming from {latest}", flush=True)
         return latest
     if not (Path(resume) / "trainer_state.json").exists():
         raise ConfigError(f"train.resume: {resume} is not a checkpoint folder (no trainer_state.json)")
+    check_resume_config(cfg, resume)
     return resume
 
 

@@ -89,3 +89,37 @@ def test_accelerate_configs_parse_and_name_their_command(path):
     assert data["distributed_type"] in ("NO", "FSDP", "DEEPSPEED", "MULTI_GPU")
     if data["distributed_type"] == "FSDP":
         assert data["fsdp_config"]["fsdp_version"] == 2
+
+
+def _checkpointed_run(tmp_path, data):
+    """A run folder whose checkpoint-2 carries the resolved config, as the trainer writes it."""
+    path = _write(tmp_path, data)
+    out = tmp_path / "run"
+    checkpoint = out / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    save_config(load_config(path, [f"train.output_dir={out}"]), checkpoint / "config.yaml")
+    return path, out, checkpoint
+
+
+def test_resume_with_a_changed_config_names_the_changed_keys(tmp_path):
+    path, out, checkpoint = _checkpointed_run(
+        tmp_path, {"model": {"path": "m"}, "lora": {"r": 16}, "data": {"max_length": 512}})
+    with pytest.raises(ConfigError) as error:
+        load_config(path, [f"train.output_dir={out}", "lora.r=8", "data.max_length=256", "--resume", "latest"])
+    message = str(error.value)
+    assert str(checkpoint) in message
+    assert "lora.r: 16 in the checkpoint, 8 now" in message
+    assert "data.max_length: 512 in the checkpoint, 256 now" in message
+    assert "train.output_dir" in message and "--config" in message  # says how to go on
+    assert "lora.alpha" not in message.split("Only")[0]  # unchanged keys are not listed
+    with pytest.raises(ConfigError, match="lora.r"):  # an explicit checkpoint path is checked the same way
+        load_config(path, [f"train.output_dir={out}", "lora.r=8", f"train.resume={checkpoint}"])
+
+
+def test_resume_may_extend_the_run_and_change_reporting(tmp_path):
+    path, out, _ = _checkpointed_run(tmp_path, {"model": {"path": "m"}, "train": {"steps": 4}})
+    cfg = load_config(path, [f"train.output_dir={out}", "train.steps=8", "train.logging=none", "train.resume=latest"])
+    assert cfg.train.steps == 8 and cfg.train.resume == "latest"
+    # no checkpoint yet: nothing to compare, the run starts fresh
+    assert load_config(path, [f"train.output_dir={tmp_path / 'new'}", "lora.r=4", "--resume", "latest"]).lora.r == 4
