@@ -94,7 +94,10 @@ def run_codec_benchmark(preset: str = "20b", device: str = "cpu", layers: int | 
         mxfp4.encode(mxfp4.decode(blocks[:1], scales[:1], kernel=warm), rule=rule, kernel=warm)
     _sync(device)
     warmup_s = time.perf_counter() - t0
-    used = mxfp4._pick_kernel(kernel, device, 1 << 30, compile_on_cpu=True)
+    # what kernel=None resolves to for these sizes (on CPU without the native kernel decode stays eager)
+    decode_kernel = mxfp4._pick_kernel(kernel, device, 1 << 30, compile_on_cpu=False)
+    encode_kernel = mxfp4._pick_kernel(kernel, device, 1 << 30, compile_on_cpu=True)
+    used = decode_kernel if decode_kernel == encode_kernel else f"decode {decode_kernel}, encode {encode_kernel}"
     for layer in range(run_layers):
         for name, (blocks, scales) in sources.items():
             t0, c0 = time.perf_counter(), time.process_time()
