@@ -65,7 +65,8 @@ DATA = ("mxfp4", "rescaled")
 
 
 def run_codec_benchmark(preset: str = "20b", device: str = "cpu", layers: int | None = None, rule: str = "best",
-                        seed: int = 0, verbose: bool = True, kernel: str | None = None, data: str = "mxfp4") -> dict:
+                        seed: int = 0, verbose: bool = True, kernel: str | None = None, data: str = "mxfp4",
+                        reuse_outputs: bool = False) -> dict:
     """Decode + encode every expert matrix of ``preset`` (or the first ``layers`` layers); returns timings."""
     device = torch.device(device)
     total_layers, shapes = expert_shapes(preset)
@@ -81,6 +82,14 @@ def run_codec_benchmark(preset: str = "20b", device: str = "cpu", layers: int | 
     # whose block maximum is almost always exactly 6 * 2**s, it hardly ever does)
     row_factors = {name: (0.75 + 0.5 * torch.rand(e, rows, 1, generator=gen)).to(torch.bfloat16).to(device)
                    for name, (e, rows, _) in shapes} if data == "rescaled" else None
+    # reuse_outputs: one set of output tensors per matrix shape, written again for every layer (out=): measures the
+    # codec without the operating system's cost of handing out fresh (zeroed) pages for every output
+    outputs = {}
+    if reuse_outputs:
+        for name, (e, rows, cols) in shapes:
+            outputs[name] = (torch.empty(e, rows, cols, dtype=torch.bfloat16, device=device),
+                             (torch.empty(e, rows, cols // 32, 16, dtype=torch.uint8, device=device),
+                              torch.empty(e, rows, cols // 32, dtype=torch.uint8, device=device)))
     decode_s = encode_s = 0.0
     decode_cpu = encode_cpu = 0.0  # process CPU time (all threads): on a shared machine wall time mostly measures others
     elements = 0
@@ -101,14 +110,15 @@ def run_codec_benchmark(preset: str = "20b", device: str = "cpu", layers: int | 
     for layer in range(run_layers):
         for name, (blocks, scales) in sources.items():
             t0, c0 = time.perf_counter(), time.process_time()
-            dense = mxfp4.decode(blocks, scales, dtype=torch.bfloat16, kernel=kernel)
+            dense_out, codes_out = outputs.get(name, (None, None))
+            dense = mxfp4.decode(blocks, scales, dtype=torch.bfloat16, kernel=kernel, out=dense_out)
             _sync(device)
             t1, c1 = time.perf_counter(), time.process_time()
             if row_factors is not None:  # not timed
                 dense.mul_(row_factors[name])
                 _sync(device)
                 t1, c1 = time.perf_counter(), time.process_time()
-            new_blocks, new_scales = mxfp4.encode(dense, rule=rule, kernel=kernel)
+            new_blocks, new_scales = mxfp4.encode(dense, rule=rule, kernel=kernel, out=codes_out)
             _sync(device)
             t2, c2 = time.perf_counter(), time.process_time()
             decode_s += t1 - t0
@@ -132,6 +142,7 @@ def run_codec_benchmark(preset: str = "20b", device: str = "cpu", layers: int | 
         "torch": torch.__version__,
         "rule": rule,
         "data": data,
+        "outputs": "reused (out=)" if reuse_outputs else "new tensors",
         "layers_run": run_layers,
         "layers_total": total_layers,
         "elements": elements,
@@ -160,7 +171,7 @@ def print_table(result: dict) -> None:
         ("device", result["device"]),
         ("torch", f"{result['torch']}, {result['threads']} threads"),
         ("shape", f"{result['preset']}: {result['layers_run']}/{result['layers_total']} layers, {result['elements'] / 1e9:.2f} G weights"),
-        ("rule, data", f"{result['rule']}, {result['data']}"),
+        ("rule, data, outputs", f"{result['rule']}, {result['data']}, {result['outputs']}"),
         ("kernel", result["kernel"]),
         ("warm-up (incl. build/compile)", f"{result['warmup_s']:.1f} s"),
         ("decode (bf16)", f"{result['decode_s']:.2f} s  ({result['decode_gelem_per_s']:.2f} G weights/s, {result['decode_bf16_gb_per_s']:.2f} GB/s bf16 out)"),
@@ -186,6 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", default="mxfp4", choices=list(DATA),
                         help="mxfp4: decoded random codes; rescaled: rows rescaled after decoding (the `best` rule's "
                              "costly case, like fine-tuned weights)")
+    parser.add_argument("--reuse-outputs", action="store_true",
+                        help="decode/encode into the same output tensors every layer (out=): the codec's own cost, "
+                             "without the OS zeroing fresh pages for ~50 GB of new outputs")
     parser.add_argument("--kernel", default=None, choices=list(mxfp4.KERNELS),
                         help="codec implementation (default: native C kernel on CPU, torch.compile'd on CUDA)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -193,7 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = run_codec_benchmark(args.preset, args.device, args.layers, args.rule, kernel=args.kernel, data=args.data)
+    result = run_codec_benchmark(args.preset, args.device, args.layers, args.rule, kernel=args.kernel, data=args.data,
+                                 reuse_outputs=args.reuse_outputs)
     print_table(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

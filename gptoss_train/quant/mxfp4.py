@@ -114,6 +114,7 @@ def decode(
     transpose: bool = False,
     chunk_elements: int | None = None,
     kernel: str | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dequantize ``blocks [..., G, 16]`` + ``scales [..., G]`` to ``[..., G*32]`` (HF ``[E, out, in]``).
 
@@ -121,6 +122,8 @@ def decode(
     ``gate_up_proj [E, H, 2I]`` / ``down_proj [E, I, H]``). Any float ``dtype``; bfloat16/float16/float32 go through
     a packed-pair table (2 output elements per gather), others are decoded in float32 and cast. ``kernel``: one of
     ``KERNELS`` (same bits; None = native on CPU, compiled for large CUDA inputs, see ``_COMPILE_MIN_ELEMENTS``).
+    ``out``: a contiguous tensor of the result's shape and dtype to write into (and return) instead of a new one:
+    a loop over layers then reuses its memory; on CPU, faulting in fresh pages costs more than decoding into them.
     """
     _check_codes(blocks, scales)
     if not dtype.is_floating_point:
@@ -131,9 +134,10 @@ def decode(
     table = _pair_table(table_dtype, str(blocks.device))
     *prefix, groups, _ = blocks.shape
     cols = groups * BLOCK_SIZE
-    if math.prod(prefix) * cols == 0:
-        empty = torch.empty(*prefix, cols, dtype=dtype, device=blocks.device)
-        return empty.transpose(-1, -2).contiguous() if transpose else empty
+    shape = (*prefix[:-1], cols, prefix[-1]) if transpose else (*prefix, cols)
+    result = _output_buffer(out, "out", shape, dtype, blocks.device)
+    if result.numel() == 0:
+        return result
 
     chunk = chunk_elements or _default_chunk(blocks.device)
     rows_total = math.prod(prefix)
@@ -143,7 +147,7 @@ def decode(
     native = _native_library(blocks.device) if kernel == "native" and table_dtype == dtype else None
     compiled = kernel == "compiled" and table_dtype == dtype
     if native is not None:
-        return _decode_native(native, blocks, scales, table, dtype, transpose, _native_blocks_per_call(chunk_elements))
+        return _decode_native(native, blocks, scales, table, result, transpose, _native_blocks_per_call(chunk_elements))
     if transpose:
         rows_per_chunk = min(rows_per_chunk, prefix[-1])
     flat_blocks = blocks.reshape(rows_total, groups, BYTES_PER_BLOCK)
@@ -151,10 +155,9 @@ def decode(
     if transpose:
         # [matrices, in, out]: rows of one matrix are written as columns of the result.
         rows_per_matrix = prefix[-1]
-        out_t = torch.empty(math.prod(prefix[:-1]), cols, rows_per_matrix, dtype=dtype, device=blocks.device)
+        out_t = result.view(math.prod(prefix[:-1]), cols, rows_per_matrix)
     else:
-        out = torch.empty(*prefix, cols, dtype=dtype, device=blocks.device)
-        flat_out = out.view(rows_total, cols)
+        flat_out = result.view(rows_total, cols)
     r0 = 0
     while r0 < rows_total:
         r1 = min(r0 + rows_per_chunk, rows_total)
@@ -176,8 +179,22 @@ def decode(
         else:
             flat_out[r0:r1].copy_(decoded)
         r0 = r1
-    if transpose:
-        return out_t.view(*prefix[:-1], cols, prefix[-1])
+    return result
+
+
+def _output_buffer(out: torch.Tensor | None, name: str, shape: tuple[int, ...], dtype: torch.dtype,
+                   device: torch.device) -> torch.Tensor:
+    """``out`` checked against the result it has to hold, or a new tensor (large new CPU ones on huge pages)."""
+    if out is None:
+        fresh = torch.empty(shape, dtype=dtype, device=device)
+        if device.type == "cpu":
+            mxfp4_native.advise_huge_pages(fresh)
+        return fresh
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device or not out.is_contiguous():
+        raise MXFP4Error(
+            f"{name} must be a contiguous {dtype} tensor of shape {tuple(shape)} on {device}, got a"
+            f"{'' if out.is_contiguous() else ' non-contiguous'} {out.dtype} tensor of shape {tuple(out.shape)} on {out.device}"
+        )
     return out
 
 
@@ -238,7 +255,7 @@ def _in_threads(n_items: int, per_call: int, work) -> None:
             helper.result()
 
 
-def _decode_native(library, blocks: torch.Tensor, scales: torch.Tensor, table: torch.Tensor, dtype: torch.dtype,
+def _decode_native(library, blocks: torch.Tensor, scales: torch.Tensor, table: torch.Tensor, result: torch.Tensor,
                    transpose: bool, blocks_per_call: int) -> torch.Tensor:
     """Decode through the C kernel: every byte becomes its table entry (both elements) in one pass."""
     *prefix, groups, _ = blocks.shape
@@ -255,20 +272,17 @@ def _decode_native(library, blocks: torch.Tensor, scales: torch.Tensor, table: t
         _in_threads(n_blocks, blocks_per_call, work)
 
     if not transpose:
-        out = torch.empty(*prefix, cols, dtype=dtype, device=blocks.device)
-        mxfp4_native.advise_huge_pages(out)
-        run(out, 0, flat_scales.numel())
-        return out
+        run(result, 0, flat_scales.numel())
+        return result
     # [matrices, in, out]: decode one matrix at a time, then write it transposed
     rows = prefix[-1]
     matrices = math.prod(prefix[:-1])
-    out_t = torch.empty(matrices, cols, rows, dtype=dtype, device=blocks.device)
-    mxfp4_native.advise_huge_pages(out_t)
-    staging = torch.empty(rows, cols, dtype=dtype, device=blocks.device)
+    out_t = result.view(matrices, cols, rows)
+    staging = torch.empty(rows, cols, dtype=result.dtype, device=blocks.device)
     for m in range(matrices):
         run(staging, m * rows * groups, rows * groups)
         out_t[m].copy_(staging.t())
-    return out_t.view(*prefix[:-1], cols, rows)
+    return result
 
 
 @functools.lru_cache(maxsize=None)
@@ -323,6 +337,7 @@ def encode(
     keep_scales: torch.Tensor | None = None,
     chunk_elements: int | None = None,
     kernel: str | None = None,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x [..., K]`` (K a multiple of 32) along the last dim to ``(blocks [..., K/32, 16], scales [..., K/32])``.
 
@@ -331,7 +346,7 @@ def encode(
     from) keeps each block's scale unless a new value would round beyond ±6 at it; such blocks use ``rule``.
     To encode a transformers dense expert (``[E, in, out]``), pass ``w.transpose(-1, -2)``. ``kernel``: one of
     ``KERNELS`` (identical output; None = native on CPU, else compiled for large inputs; ``keep_scales`` always runs
-    eager).
+    eager). ``out``: contiguous uint8 ``(blocks, scales)`` to write into (and return), as for ``decode``.
     """
     if rule not in RULES:
         raise MXFP4Error(f"unknown MXFP4 scale rule {rule!r}; choose one of {', '.join(RULES)}")
@@ -349,16 +364,18 @@ def encode(
         keep_flat = keep_scales.reshape(-1).to(x.device)
     device = x.device
     n_blocks = math.prod(prefix) * groups
-    blocks = torch.empty(n_blocks, BYTES_PER_BLOCK, dtype=torch.uint8, device=device)
-    scales = torch.empty(n_blocks, dtype=torch.uint8, device=device)
+    out_blocks, out_scales = out if out is not None else (None, None)
+    blocks = _output_buffer(out_blocks, "out[0] (blocks)", (*prefix, groups, BYTES_PER_BLOCK), torch.uint8, device)
+    scales = _output_buffer(out_scales, "out[1] (scales)", (*prefix, groups), torch.uint8, device)
+    encoded = (blocks, scales)
+    blocks, scales = blocks.view(n_blocks, BYTES_PER_BLOCK), scales.view(n_blocks)
     x_blocks = x.reshape(n_blocks, BLOCK_SIZE)
     per_chunk = max(1, (chunk_elements or _default_chunk(device)) // BLOCK_SIZE)
     kernel = "eager" if keep_scales is not None else _pick_kernel(kernel, device, n_blocks * BLOCK_SIZE, compile_on_cpu=True)
     if kernel == "native" and n_blocks:
-        mxfp4_native.advise_huge_pages(blocks)
         _encode_native(_native_library(device), x_blocks, rule, blocks, scales, (*prefix, cols),
                        _native_blocks_per_call(chunk_elements))
-        return blocks.view(*prefix, groups, BYTES_PER_BLOCK), scales.view(*prefix, groups)
+        return encoded
     compiled = kernel == "compiled"
     for b0 in range(0, n_blocks, per_chunk):
         b1 = min(b0 + per_chunk, n_blocks)
@@ -380,7 +397,7 @@ def encode(
             _check_finite(amax_bits, b0, (*prefix, cols))
         blocks[b0:b1] = packed
         scales[b0:b1] = chosen
-    return blocks.view(*prefix, groups, BYTES_PER_BLOCK), scales.view(*prefix, groups)
+    return encoded
 
 
 def _encode_native(library, x_blocks: torch.Tensor, rule: str, blocks: torch.Tensor, scales: torch.Tensor,

@@ -334,3 +334,32 @@ def test_compiled_decode_is_bit_identical_to_eager(dtype):
     compiled = decode(blocks, scales, dtype=dtype, kernel="compiled", chunk_elements=512)
     assert torch.equal(_bits(compiled), _bits(eager))
     assert not mxfp4._compile_failed
+
+
+@pytest.mark.usefixtures("default_kernel")
+@pytest.mark.parametrize("transpose", [False, True], ids=["hf", "transposed"])
+def test_out_buffers_are_filled_and_returned(transpose):
+    gen = torch.Generator().manual_seed(9)
+    blocks = torch.randint(0, 256, (2, 48, 3, 16), dtype=torch.uint8, generator=gen)
+    scales = torch.randint(100, 140, (2, 48, 3), dtype=torch.uint8, generator=gen)
+    expected = decode(blocks, scales, transpose=transpose)
+    buffer = torch.full_like(expected, float("nan"))  # stale contents must be overwritten everywhere
+    assert decode(blocks, scales, transpose=transpose, out=buffer) is buffer
+    assert torch.equal(_bits(buffer), _bits(expected))
+    values = expected.transpose(-1, -2) if transpose else expected
+    fresh = encode(values)
+    out = (torch.full_like(fresh[0], 0xAA), torch.full_like(fresh[1], 0xAA))
+    got = encode(values, out=out)
+    assert got[0] is out[0] and got[1] is out[1]
+    assert torch.equal(out[0], fresh[0]) and torch.equal(out[1], fresh[1])
+
+
+def test_bad_out_buffers_are_explained():
+    blocks = torch.zeros(4, 2, 16, dtype=torch.uint8)
+    scales = torch.zeros(4, 2, dtype=torch.uint8)
+    with pytest.raises(MXFP4Error, match=r"out must be a contiguous torch.bfloat16 tensor of shape \(4, 64\)"):
+        decode(blocks, scales, out=torch.empty(4, 64))  # float32, not bf16
+    with pytest.raises(MXFP4Error, match="non-contiguous"):
+        decode(blocks, scales, out=torch.empty(64, 4, dtype=torch.bfloat16).t())
+    with pytest.raises(MXFP4Error, match=r"out\[1\] \(scales\)"):
+        encode(torch.zeros(4, 64), out=(torch.empty(4, 2, 16, dtype=torch.uint8), torch.empty(4, 3, dtype=torch.uint8)))
