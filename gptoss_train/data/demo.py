@@ -3,7 +3,8 @@
 Why this task: the quickstart fine-tunes a *randomly initialised* tiny gpt-oss on a 2-core CPU in a few minutes and
 must show honest learning on held-out conversations. So every slot value comes from a small closed set, the tool and
 its arguments are fully determined by the user's words, sequences are short, and the final answer is a fixed pattern
-filled from the tool result. The held-out test split uses phrasings the train split never shows and slot
+filled from the tool result. The city is the last argument of every tool, and each tool has several train phrasings,
+so what the model must learn is the same for every call: pick the tool from the topic words, copy the slot values. The held-out test split uses phrasings the train split never shows and slot
 combinations (tool, city, day / cuisine) the train split never contains, so a model that only memorised the train
 conversations scores low.
 
@@ -28,7 +29,7 @@ from pathlib import Path
 
 SPLITS = ("train", "test")
 DEFAULT_SEED = 0
-N_TRAIN = 320
+N_TRAIN = 480
 N_TEST = 64
 
 SYSTEM_PROMPT = "You are a travel assistant. Use the tools to answer."
@@ -50,10 +51,10 @@ TOOLS = [
             "parameters": {
                 "type": "object",
                 "properties": {
-                    "city": {"type": "string"},
                     "day": {"type": "string", "description": "today or tomorrow"},
+                    "city": {"type": "string"},
                 },
-                "required": ["city", "day"],
+                "required": ["day", "city"],
             },
         },
     },
@@ -77,10 +78,10 @@ TOOLS = [
             "parameters": {
                 "type": "object",
                 "properties": {
-                    "city": {"type": "string"},
                     "cuisine": {"type": "string"},
+                    "city": {"type": "string"},
                 },
-                "required": ["city", "cuisine"],
+                "required": ["cuisine", "city"],
             },
         },
     },
@@ -95,6 +96,9 @@ PHRASINGS = {
             "How is the weather {day} in {city}?",
             "Tell me the weather in {city} {day}.",
             "Is it nice in {city} {day}? Check the weather.",
+            "What will the weather be like {day} in {city}?",
+            "Show me the {day} weather for {city}.",
+            "Give me the weather forecast for {city} {day}.",
         ],
         "test": [
             "Can you check the weather {day} for {city}?",
@@ -107,6 +111,10 @@ PHRASINGS = {
             "Tell me the time in {city}.",
             "Current time in {city}, please.",
             "What is the local time in {city}?",
+            "What's the time in {city} now?",
+            "Show me the current time in {city}.",
+            "I need the local time for {city}.",
+            "Give me the time in {city}.",
         ],
         "test": [
             "Do you know the time in {city} right now?",
@@ -119,6 +127,10 @@ PHRASINGS = {
             "Where can I eat {cuisine} food in {city}?",
             "Recommend a {cuisine} restaurant in {city}.",
             "I want {cuisine} food in {city}.",
+            "Looking for {cuisine} food in {city}.",
+            "Where should I go for {cuisine} in {city}?",
+            "Pick a {cuisine} restaurant for me in {city}.",
+            "We want to eat {cuisine} tonight in {city}.",
         ],
         "test": [
             "Any good {cuisine} places to eat in {city}?",
@@ -131,11 +143,14 @@ _RESTAURANT_NAMES = ["Luna", "Verde", "Golden Fork", "Blue Door", "Casa", "Lotus
 
 
 def _slot_space(tool: str) -> list[dict]:
+    # The city is the last argument of every tool: whether the JSON closes after it (`"}`) is then the same
+    # decision for every call, rather than one the model must relearn per tool and city (before this, a tiny
+    # model closed get_time's JSON right for the cities it had seen with get_time and wrong for the held-out ones).
     if tool == "get_weather":
-        return [{"city": c, "day": d} for c in CITIES for d in DAYS]
+        return [{"day": d, "city": c} for c in CITIES for d in DAYS]
     if tool == "get_time":
         return [{"city": c} for c in CITIES]
-    return [{"city": c, "cuisine": k} for c in CITIES for k in CUISINES]
+    return [{"cuisine": k, "city": c} for c in CITIES for k in CUISINES]
 
 
 def _held_out_combinations(rng: random.Random) -> dict[str, set[str]]:
@@ -243,7 +258,7 @@ def demo_path(split: str) -> Path:
 
 
 def load_demo_split(split: str) -> list[dict]:
-    """The committed demo split as a list of OpenAI-chat rows (``train``: 320 rows, ``test``: 64 rows)."""
+    """The committed demo split as a list of OpenAI-chat rows (``train``: 480 rows, ``test``: 64 rows)."""
     with open(demo_path(split), encoding="utf-8") as handle:
         return [json.loads(line) for line in handle if line.strip()]
 
