@@ -269,8 +269,7 @@ def expert_gemm_microbench(gen: FastGenerator, batches=(1, 4, 16, 64)) -> list[d
 
     w = gen.weights
     layer = w.layers[0]
-    saved = (K.EXPERT_GEMM_BLOCK_N, K.EXPERT_GEMM_BLOCK_K, K.EXPERT_GEMM_STAGES,
-             K.MXFP4_GEMM_BLOCK_N, K.MXFP4_GEMM_BLOCK_K, K.MXFP4_GEMM_STAGES)
+    saved = (K.EXPERT_GEMM_TILES, K.MXFP4_GEMM_BLOCK_N, K.MXFP4_GEMM_BLOCK_K, K.MXFP4_GEMM_STAGES)
     rows = []
     g = torch.Generator(device=gen.device).manual_seed(0)
     from gptoss_train.kernels.moe import decode_mxfp4_experts
@@ -298,7 +297,7 @@ def expert_gemm_microbench(gen: FastGenerator, batches=(1, 4, 16, 64)) -> list[d
                    grouped_mm_tb_s=nbytes / ms / 1e9)
         best = None
         for bn, bk, st in ((64, 128, 4), (32, 128, 4), (64, 256, 3), (128, 64, 4), (32, 256, 3), (64, 64, 6)):
-            K.EXPERT_GEMM_BLOCK_N, K.EXPERT_GEMM_BLOCK_K, K.EXPERT_GEMM_STAGES = bn, bk, st
+            K.EXPERT_GEMM_TILES = (bn, bk, st)
             fn = lambda: (K.expert_gemm(xs, layer.gate_up, offs), K.expert_gemm(act, layer.down, offs))  # noqa: E731
             try:
                 got = fn()
@@ -329,8 +328,7 @@ def expert_gemm_microbench(gen: FastGenerator, batches=(1, 4, 16, 64)) -> list[d
             row[f"mxfp4_{bn}_{bk}_{st}"] = dict(us=t * 1e3, tb_s=mx_bytes / t / 1e9, rel_err=err)
         rows.append(row)
         print(json.dumps(row))
-    (K.EXPERT_GEMM_BLOCK_N, K.EXPERT_GEMM_BLOCK_K, K.EXPERT_GEMM_STAGES,
-     K.MXFP4_GEMM_BLOCK_N, K.MXFP4_GEMM_BLOCK_K, K.MXFP4_GEMM_STAGES) = saved
+    K.EXPERT_GEMM_TILES, K.MXFP4_GEMM_BLOCK_N, K.MXFP4_GEMM_BLOCK_K, K.MXFP4_GEMM_STAGES = saved
     del mxfp4_layer
     torch.cuda.empty_cache()
     return rows
@@ -404,7 +402,7 @@ def main() -> None:
     rows = []
 
     max_len = max(lengths) + args.new + 8
-    gen = FastGenerator(model, max_batch=max(batches), max_seq_len=max_len)
+    gen = FastGenerator(model, max_batch=max(batches), max_seq_len=max_len, keep_mxfp4=args.mxfp4)
     print(f"grouped GEMM experts: {gen.use_grouped}; CUDA graphs: {gen.use_cuda_graphs}; "
           f"fused kernels: {gen.fused_kernels}")
     extra = {}
@@ -423,14 +421,14 @@ def main() -> None:
 
     shipped_pairs = gen_kernels.EXPERT_GEMM_MAX_PAIRS
     settings = {"default": ("ours", True, shipped_pairs), "eager": ("ours (eager step)", False, 0),
-                "tgemm": ("ours (fused, Triton expert GEMM)", True, 256),
+                "tgemm": ("ours (fused, Triton expert GEMM)", True, gen_kernels.MAX_FUSED_PAIRS),
                 "grouped": ("ours (fused, grouped_mm experts)", True, 0)}
     variants = [settings[v] for v in args.variants.split(",")]
     extra["expert_gemm_max_pairs_default"] = shipped_pairs
     for name, fused, pairs in variants:
         gen.fused_kernels = fused and device == "cuda"
         gen_kernels.EXPERT_GEMM_MAX_PAIRS = pairs
-        gen._graphs.clear()
+        gen.reset_graphs()
         for prompt_len in lengths:
             for batch in batches:
                 row = bench_ours(gen, batch, prompt_len, args.new)
@@ -440,8 +438,8 @@ def main() -> None:
                 row["floor_ms"] = weight_bytes_per_step(model, batch, args.mxfp4) / 3.0e12 * 1000  # ~3 TB/s read
                 rows.append(row)
                 print(json.dumps(row))
-        if gen.stats.fused_error:
-            extra[f"fused_error_{name}"] = gen.stats.fused_error
+        if gen.fused_error:
+            extra[f"fused_error_{name}"] = gen.fused_error
         for batch in batches:
             ms = graph_step_ms(gen, batch, 1024 if max_len >= 1024 else gen._length_buckets[0])
             extra[f"graph_step_ms_b{batch}_kv1024_{name}"] = ms
@@ -452,12 +450,12 @@ def main() -> None:
                 extra[f"profile_b{batch}_{name}"] = profile_step(gen, batch, kv_len, out_dir)
     gen.fused_kernels = device == "cuda"
     gen_kernels.EXPERT_GEMM_MAX_PAIRS = shipped_pairs
-    gen._graphs.clear()
+    gen.reset_graphs()
     if args.compiled_batches:
         # Same generator, element-wise pieces through torch.compile; fresh graphs (the old ones hold eager kernels).
         try:
             use_compiled_kernels(True)
-            gen._graphs.clear()
+            gen.reset_graphs()
             t0 = time.perf_counter()
             for batch in [int(b) for b in args.compiled_batches.split(",")]:
                 warm = random_prompts(batch, args.compiled_prompt, 1)

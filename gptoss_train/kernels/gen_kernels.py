@@ -27,8 +27,11 @@ except ImportError:  # CPU-only installs: the eager decode step is used
 # route_sort runs as one program over all (token, expert) pairs; past this many pairs the eager step is used.
 MAX_FUSED_PAIRS = 512
 # expert_gemm replaces torch's grouped GEMM in the fused step up to this many (token, expert) pairs (0: never).
-EXPERT_GEMM_MAX_PAIRS = 0
-EXPERT_GEMM_BLOCK_N, EXPERT_GEMM_BLOCK_K, EXPERT_GEMM_STAGES = 64, 128, 4
+# Measured on an H100 (one 20b layer's two expert products, bench_generate.py --gemm-bench): grouped_mm 118 / 252 /
+# 599 / 636 us at 1 / 4 / 16 / 64 tokens; expert_gemm 90 / 208 / 506 / 562 us (1.7 -> 2.2 TB/s at one token).
+EXPERT_GEMM_MAX_PAIRS = MAX_FUSED_PAIRS
+# (BLOCK_N, BLOCK_K, stages); None: by size, (64, 128, 4) up to 8 rows (best at one token), else (128, 64, 4)
+EXPERT_GEMM_TILES: tuple[int, int, int] | None = None
 MXFP4_GEMM_BLOCK_N, MXFP4_GEMM_BLOCK_K, MXFP4_GEMM_STAGES = 64, 64, 3
 # decode attention reads a sequence's keys in chunks of this many, one program each (then a combine kernel)
 ATTENTION_SPLIT_LEN = 256
@@ -189,9 +192,9 @@ if triton is not None:
         rank = tl.zeros([PB], tl.int32)
         upto = tl.zeros([EB], tl.int32)
         for c0 in range(0, PB, CHUNK):
-            j = c0 + tl.arange(0, CHUNK)
-            ej = tl.load(flat_e_ptr + j, mask=j < n_pairs, other=EB)
-            before = (ej[:, None] < ei[None, :]) | ((ej[:, None] == ei[None, :]) & (j[:, None] < i[None, :]))
+            other = c0 + tl.arange(0, CHUNK)  # (not `j`: the top-k loop's constexpr name would clash)
+            ej = tl.load(flat_e_ptr + other, mask=other < n_pairs, other=EB)
+            before = (ej[:, None] < ei[None, :]) | ((ej[:, None] == ei[None, :]) & (other[:, None] < i[None, :]))
             rank += tl.sum(before.to(tl.int32), axis=0)
             upto += tl.sum((ej[:, None] <= e[None, :]).to(tl.int32), axis=0)
         tl.store(offs_ptr + e, upto, mask=e < E)
@@ -306,20 +309,23 @@ if triton is not None:
                 src = tl.load(x_rows_ptr + rows, mask=rmask, other=0).to(tl.int64)
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             for k0 in range(0, K, BLOCK_K):
+                # Byte j of the chunk holds inputs k0 + 2j (low nibble) and k0 + 2j + 1 (high nibble). The sum
+                # over k does not care about order, so the low and high halves multiply the even and odd columns
+                # of x separately: no interleave or reshape of the decoded tile (layout shuffles in registers).
                 kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-                ks = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+                kbmask = kb < K // 2
                 byte = tl.load(blocks_ptr + wrow[:, None] * (K // 2) + kb[None, :],
-                               mask=nmask[:, None] & (kb[None, :] < K // 2), other=0).to(tl.int32)
-                sbyte = tl.load(scales_ptr + wrow[:, None] * (K // 32) + ks[None, :],
-                                mask=nmask[:, None] & (ks[None, :] < K // 32), other=127).to(tl.int32)
+                               mask=nmask[:, None] & kbmask[None, :], other=0).to(tl.int32)
+                sbyte = tl.load(scales_ptr + wrow[:, None] * (K // 32) + (kb // 16)[None, :],
+                                mask=nmask[:, None] & kbmask[None, :], other=127).to(tl.int32)
                 scale = (sbyte << 23).to(tl.float32, bitcast=True)
-                vals = tl.interleave(_e2m1(byte & 15), _e2m1(byte >> 4))  # [BLOCK_N, BLOCK_K], even = low nibble
-                vals = tl.reshape(vals, [BLOCK_N, BLOCK_K // 32, 32]) * scale[:, :, None]
-                w = tl.reshape(vals, [BLOCK_N, BLOCK_K]).to(x_ptr.dtype.element_ty)
-                kk = k0 + tl.arange(0, BLOCK_K)
-                xt = tl.load(x_ptr + src[:, None] * K + kk[None, :], mask=rmask[:, None] & (kk[None, :] < K),
-                             other=0.0)
-                acc += tl.dot(xt, tl.trans(w))
+                w_even = (_e2m1(byte & 15) * scale).to(x_ptr.dtype.element_ty)  # [BLOCK_N, BLOCK_K / 2]
+                w_odd = (_e2m1(byte >> 4) * scale).to(x_ptr.dtype.element_ty)
+                xmask = rmask[:, None] & kbmask[None, :]
+                x_even = tl.load(x_ptr + src[:, None] * K + 2 * kb[None, :], mask=xmask, other=0.0)
+                x_odd = tl.load(x_ptr + src[:, None] * K + 2 * kb[None, :] + 1, mask=xmask, other=0.0)
+                acc += tl.dot(x_even, tl.trans(w_even))
+                acc += tl.dot(x_odd, tl.trans(w_odd))
             tl.store(out_ptr + rows[:, None].to(tl.int64) * N + n[None, :], acc.to(out_ptr.dtype.element_ty),
                      mask=rmask[:, None] & nmask[None, :])
 
@@ -434,10 +440,10 @@ def expert_gemm(x: Tensor, weight: Tensor, offs: Tensor, x_rows: Tensor | None =
     k = x.shape[1]
     experts, _, n = weight.shape
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-    block_n = EXPERT_GEMM_BLOCK_N
+    block_n, block_k, stages = EXPERT_GEMM_TILES or ((64, 128, 4) if rows <= 8 else (128, 64, 4))
     _expert_gemm_kernel[(experts, triton.cdiv(n, block_n))](
-        x, x if x_rows is None else x_rows, weight, offs, out, K=k, N=n, GATHER=x_rows is not None, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=EXPERT_GEMM_BLOCK_K,
-        num_warps=4, num_stages=EXPERT_GEMM_STAGES,
+        x, x if x_rows is None else x_rows, weight, offs, out, K=k, N=n, GATHER=x_rows is not None, BLOCK_M=16,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=stages,
     )
     return out
 

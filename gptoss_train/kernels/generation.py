@@ -108,7 +108,7 @@ class FastGenerator:
         adapter=None,
         prefill_tokens: int = 8192,
         fused_kernels: bool | None = None,
-        keep_mxfp4: bool | None = None,
+        keep_mxfp4: bool = False,
     ):
         if max_batch < 1 or max_seq_len < 2:
             raise ValueError(f"max_batch must be >= 1 and max_seq_len >= 2, got {max_batch} and {max_seq_len}")
@@ -121,10 +121,9 @@ class FastGenerator:
         on_cuda = unwrap_peft(model).model.embed_tokens.weight.device.type == "cuda"
         # Triton-fused decode step (gen_kernels) on CUDA by default; the eager step elsewhere or when asked.
         self.fused_kernels = on_cuda if fused_kernels is None else fused_kernels
-        if keep_mxfp4 is None:
-            from gptoss_train.kernels import gen_kernels
-
-            keep_mxfp4 = self.fused_kernels and on_cuda and gen_kernels.available(torch.device("cuda"))
+        # keep_mxfp4: MXFP4-resident experts stay MXFP4 and the fused step reads the bytes (13 instead of 39 GB at
+        # 20b, what 120b needs on one GPU). Off by default: per step it measured slower than bf16 experts on an H100
+        # (docs/fast-generation.md); the default decodes them once to a resident bf16 copy.
         with torch.no_grad():
             self.weights: ModelWeights = collect_weights(model, max_seq_len, keep_mxfp4=keep_mxfp4)
         self.device = self.weights.device
@@ -144,6 +143,7 @@ class FastGenerator:
         self._events = [torch.cuda.Event() for _ in range(2)] if pin else None
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_cuda_graphs else None
+        self.fused_error: str | None = None  # why the fused step was switched off, if it was (kept across calls)
         self.stats = GenerationStats()
 
     @staticmethod
@@ -163,11 +163,34 @@ class FastGenerator:
             return decode_step_fused
         return decode_step
 
+    def reset_graphs(self) -> None:
+        """Drop the captured graphs (e.g. after changing `fused_kernels`); the next steps capture afresh.
+
+        A fresh memory pool too: once the last graph of a pool is destroyed PyTorch releases the pool, and capturing
+        into its stale handle fails with `use_count > 0 INTERNAL ASSERT FAILED` (CUDACachingAllocator)."""
+        self._graphs.clear()
+        if self.use_cuda_graphs:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+
+    def _fused_failed(self, err: Exception) -> None:
+        # A Triton compile or launch failure: the eager step from now on (still graph-captured).
+        warnings.warn(f"fused decode kernels failed, using the eager step: {err}", stacklevel=3)
+        self.fused_kernels = False
+        self.stats.fused_error = self.fused_error = f"{type(err).__name__}: {str(err)[:300]}"
+        torch.cuda.synchronize(self.device)
+
     def _run_decode(self, batch: int, kv_len: int) -> Tensor:
         if not self.use_cuda_graphs:
-            self._logits[:batch] = self._step_fn(batch)(
-                self.weights, self.cache, self._tokens[:batch], self._positions[:batch], kv_len, self.use_grouped
-            )
+            step_fn = self._step_fn(batch)
+            try:
+                self._logits[:batch] = step_fn(
+                    self.weights, self.cache, self._tokens[:batch], self._positions[:batch], kv_len, self.use_grouped
+                )
+            except Exception as err:  # noqa: BLE001 - a kernel/compiler failure must not stop generation
+                if step_fn is not decode_step_fused:
+                    raise
+                self._fused_failed(err)
+                return self._run_decode(batch, kv_len)
             return self._logits[:batch]
         key = (batch, kv_len)
         graph = self._graphs.get(key)
@@ -177,16 +200,13 @@ class FastGenerator:
                 graph = self._capture(batch, kv_len)
             except Exception as err:  # noqa: BLE001 - a kernel/compiler failure must not stop generation
                 if self._step_fn(batch) is decode_step_fused:
-                    # A Triton compile or launch failure: the eager step (still graph-captured) from now on.
-                    warnings.warn(f"fused decode kernels failed, using the eager step: {err}", stacklevel=2)
-                    self.fused_kernels = False
-                    self.stats.fused_error = f"{type(err).__name__}: {str(err)[:300]}"
+                    self._fused_failed(err)
                 elif isinstance(err, RuntimeError):  # e.g. an op that syncs in this torch build
                     warnings.warn(f"CUDA graph capture failed, decoding without graphs: {err}", stacklevel=2)
                     self.use_cuda_graphs = False
+                    torch.cuda.synchronize(self.device)
                 else:
                     raise
-                torch.cuda.synchronize(self.device)
                 return self._run_decode(batch, kv_len)
             self._graphs[key] = graph
             self.stats.graphs_captured += 1
