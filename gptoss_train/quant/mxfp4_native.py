@@ -108,7 +108,12 @@ static inline uint32_t encode_block(const uint32_t *lo, const uint32_t *hi, int 
     int32_t chosen = rule == RULE_NOCLIP ? ceil_rule : floor_rule;
     float inverse = f32_from_bits((uint32_t)(127 - chosen) << 23); /* 2**-chosen, exact: chosen <= 126 if finite */
     int32_t code_lo[16], code_hi[16];
-    if (rule == RULE_BEST && ceil_rule != floor_rule) {
+    /* `best` only has a choice where the rules differ: then, at the floor scale, the block maximum y lies in (6, 8).
+       The ceil rule's grid in floor units, {0, 1, 2, 3, 4, 6, 8, 12}, is the floor grid's subset {0, ..., 4, 6} plus
+       8 and 12, so no element y <= 7 is closer to it than to the floor grid: every error term of the ceil rule is
+       >= the floor rule's, exactly (the terms are exact in float64, and float64 sums in the same order keep >=).
+       Unless some y > 7 (amax mantissa > 1.75), the reference therefore keeps the floor rule: no need to compare. */
+    if (rule == RULE_BEST && ceil_rule != floor_rule && (amax & 0x7fffffu) > 0x600000u) {
         /* the ceil scale is twice the floor one: quantize y / 2 too, and compare the squared errors in floor units
            (float32 sums: each difference is exact and every term >= 0, so a sum is within ~8 * 2**-24 relative) */
         int32_t ceil_lo[16], ceil_hi[16];
