@@ -199,8 +199,12 @@ def _output_buffer(out: torch.Tensor | None, name: str, shape: tuple[int, ...], 
 
 
 def _pick_kernel(requested: str | None, device: torch.device, numel: int, *, compile_on_cpu: bool) -> str:
-    # GPTOSS_MXFP4_KERNEL=eager|compiled|native sets the default (debugging, and the tests run every path through it)
-    requested = requested or os.environ.get("GPTOSS_MXFP4_KERNEL") or None
+    # GPTOSS_MXFP4_KERNEL=eager|compiled|native sets the default (debugging, and the tests run every path through it);
+    # a default of native does not apply where native cannot run (CUDA tensors)
+    if requested is None:
+        requested = os.environ.get("GPTOSS_MXFP4_KERNEL") or None
+        if requested == "native" and _native_library(device) is None:
+            requested = None
     if requested is not None:
         if requested not in KERNELS:
             raise MXFP4Error(f"unknown MXFP4 kernel {requested!r}; choose one of {', '.join(KERNELS)}")
