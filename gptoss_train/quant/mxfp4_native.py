@@ -206,20 +206,25 @@ def _cache_dir() -> Path:
 
 def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([_SOURCE, " ".join(_FLAGS), version, _cpu_identity(), platform.machine()]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"mxfp4_{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        source = Path(tmp) / "mxfp4.c"
-        source.write_text(_SOURCE)
-        built = Path(tmp) / target.name
-        result = subprocess.run([compiler, *_FLAGS, str(source), "-o", str(built), "-lm"], capture_output=True, text=True, timeout=300)
-        if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
-        os.replace(built, target)  # atomic: a concurrent build of the same key writes the same bytes
-    return target
+    errors = []
+    # -march=native first; a compiler that does not know it (some clang targets) gets portable code instead
+    for flags in (_FLAGS, [flag for flag in _FLAGS if flag != "-march=native"]):
+        key = hashlib.sha256("\0".join([_SOURCE, " ".join(flags), version, _cpu_identity(), platform.machine()]).encode())
+        target = _cache_dir() / f"mxfp4_{key.hexdigest()[:16]}.so"
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            source = Path(tmp) / "mxfp4.c"
+            source.write_text(_SOURCE)
+            built = Path(tmp) / target.name
+            result = subprocess.run([compiler, *flags, str(source), "-o", str(built), "-lm"], capture_output=True,
+                                    text=True, timeout=300)
+            if result.returncode == 0:
+                os.replace(built, target)  # atomic: a concurrent build of the same key writes the same bytes
+                return target
+            errors.append(result.stderr.strip()[-1000:])
+    raise RuntimeError(f"{compiler} failed: {errors[-1]}")
 
 
 @functools.lru_cache(maxsize=None)

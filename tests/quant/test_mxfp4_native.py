@@ -239,3 +239,26 @@ def test_build_failure_warns_once_and_returns_none(monkeypatch, tmp_path):
         assert mxfp4_native.load() is None
     finally:
         mxfp4_native.load.cache_clear()  # later tests rebuild (from the real cache) with the real compiler
+
+
+def test_compiler_without_march_native_gets_a_portable_build(monkeypatch, tmp_path):
+    real_compiler = mxfp4_native.shutil.which("cc") or mxfp4_native.shutil.which("gcc")
+    fussy = tmp_path / "fussy-cc"
+    fussy.write_text(
+        "#!/bin/sh\n"
+        'for a in "$@"; do [ "$a" = "-march=native" ] && { echo "unsupported: -march=native" >&2; exit 1; }; done\n'
+        f'exec {real_compiler} "$@"\n'
+    )
+    fussy.chmod(0o755)
+    monkeypatch.setenv("GPTOSS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(fussy))
+    mxfp4_native.load.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the fallback build is silent
+            assert mxfp4_native.load() is not None
+        x = _CASES["gaussian_heavy_tails"]
+        ours, reference = encode(x, kernel="native"), encode(x, kernel="eager")
+        assert torch.equal(ours[0], reference[0]) and torch.equal(ours[1], reference[1])
+    finally:
+        mxfp4_native.load.cache_clear()
