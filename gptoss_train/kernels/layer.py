@@ -74,7 +74,11 @@ def _uses_per_module_recompute(layer) -> bool:
 def _compiled_layer_forward(layer, eager_forward, backend, hidden_states, attention_mask=None, position_ids=None,
                             past_key_values=None, use_cache=False, position_embeddings=None, **kwargs):
     """Replacement for GptOssDecoderLayer.forward (same arguments, same result) that runs the compiled body."""
-    if past_key_values is not None or hidden_states.dtype in _compile_failed or _uses_per_module_recompute(layer):
+    dtype = hidden_states.dtype
+    # A layer that ran compiled in this dtype keeps doing so even after another layer's compilation failed: its
+    # recompute must save exactly what its forward saved (checkpointing compares them).
+    fell_back = dtype in _compile_failed and dtype not in layer.__dict__.get("_compiled_ran", ())
+    if past_key_values is not None or fell_back or _uses_per_module_recompute(layer):
         return eager_forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=past_key_values, use_cache=use_cache,
                              position_embeddings=position_embeddings, **kwargs)
@@ -84,13 +88,15 @@ def _compiled_layer_forward(layer, eager_forward, backend, hidden_states, attent
         block_mask = layer_block_mask(attention_mask, position_ids, layer.self_attn.sliding_window, batch_size,
                                       seq_len, hidden_states.device)
         graph_mask = graph_positions = None
+    from torch._dynamo.exc import TorchDynamoException
+
     try:
-        return _compiled_body(backend)(layer, hidden_states, position_embeddings, graph_mask, graph_positions,
-                                       block_mask)
-    except torch.OutOfMemoryError:
-        raise
-    except Exception as err:  # noqa: BLE001 - a compiler failure must not stop training: run the layer eagerly
-        # Dynamo compiles before it runs anything, so nothing of this call has executed yet.
+        out = _compiled_body(backend)(layer, hidden_states, position_embeddings, graph_mask, graph_positions,
+                                      block_mask)
+    except TorchDynamoException as err:  # a compiler failure must not stop training: run the layer eagerly
+        # Only tracing/compilation errors land here: they are raised before the graph runs, so nothing of this call
+        # has executed. Errors while the compiled code runs (and checkpointing's own control-flow exceptions)
+        # propagate unchanged.
         import traceback
 
         reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
@@ -101,6 +107,8 @@ def _compiled_layer_forward(layer, eager_forward, backend, hidden_states, attent
         return eager_forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=past_key_values, use_cache=use_cache,
                              position_embeddings=position_embeddings, **kwargs)
+    layer.__dict__.setdefault("_compiled_ran", set()).add(dtype)
+    return out
 
 
 def compile_failure() -> str | None:

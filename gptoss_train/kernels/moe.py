@@ -93,9 +93,18 @@ def has_mxfp4_experts(experts: torch.nn.Module) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ grouped products
-@torch.library.custom_op("gptoss_train::grouped_mm_any_dtype", mutates_args=())
+def _gemm_layout(t: torch.Tensor) -> torch.Tensor:
+    # grouped_mm takes row- or column-major operands only; a permuted view (PEFT's lora_B read as [E, r, out])
+    # must be copied. Eagerly a .contiguous() at the call site does it, but inductor treats that as a layout hint
+    # it may drop (seen on the H100: "Invalid strides/sizes ... [1, 32, 256]"), so the copy happens in here.
+    if t.is_contiguous() or t.transpose(-1, -2).is_contiguous():
+        return t
+    return t.contiguous()
+
+
+@torch.library.custom_op("gptoss_train::grouped_mm_any_layout", mutates_args=())
 def _grouped_mm_opaque(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    return torch._grouped_mm(a, b, offs=offs).contiguous()
+    return torch._grouped_mm(_gemm_layout(a), _gemm_layout(b), offs=offs).contiguous()
 
 
 @_grouped_mm_opaque.register_fake
@@ -105,13 +114,14 @@ def _(a, b, offs):
     return a.new_empty(offs.shape[0], a.shape[0], b.shape[1])  # [K, M] x [M, N], groups along M -> [G, K, N]
 
 
-def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """torch._grouped_mm, traceable in any dtype.
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, native: bool = False) -> torch.Tensor:
+    """torch._grouped_mm, traceable in any dtype and operand layout.
 
-    The eager op computes float32 too (CPU tests, the GPU float32 numerics check), but its meta function accepts bf16
-    only, so a compiled decoder layer (kernels/layer.py) could not trace a float32 model. Outside bf16 the call goes
-    through an opaque custom op with its own shape function; bf16 keeps the native op that inductor knows."""
-    if a.dtype == torch.bfloat16:
+    By default the call goes through an opaque custom op with its own shape function, which fixes operand layouts
+    itself (see ``_gemm_layout``) and which traces in float32 too: the eager op computes float32 (CPU tests, the GPU
+    float32 check), but its meta function accepts bf16 only. ``native=True`` (bf16 only) keeps the op inductor knows,
+    for operands whose layout is fixed by construction (the decoded MXFP4 stacks)."""
+    if native and a.dtype == torch.bfloat16:
         return torch._grouped_mm(a, b, offs=offs)
     return _grouped_mm_opaque(a, b, offs)
 
@@ -161,7 +171,7 @@ class _GroupedMMFromMXFP4(torch.autograd.Function):
         outputs = []
         for rows in _row_pieces(blocks, x.dtype):
             weight = decode_mxfp4_experts(blocks, scales, x.dtype, rows)  # [E, rows, in], transient
-            outputs.append(_grouped_mm(x, weight.transpose(-1, -2), offs))
+            outputs.append(_grouped_mm(x, weight.transpose(-1, -2), offs, native=True))
             del weight
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
@@ -173,7 +183,7 @@ class _GroupedMMFromMXFP4(torch.autograd.Function):
         for start, stop in _row_pieces(blocks, grad.dtype):
             weight = decode_mxfp4_experts(blocks, scales, grad.dtype, (start, stop))
             piece = grad if (start, stop) == (0, grad.shape[1]) else grad[:, start:stop].contiguous()
-            part = _grouped_mm(piece, weight, offs)
+            part = _grouped_mm(piece, weight, offs, native=True)
             del weight
             grad_x = part if grad_x is None else grad_x.add_(part)
         return grad_x, None, None, None
