@@ -28,7 +28,6 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from gptoss_train.kernels.gen_model import decode_step, use_compiled_kernels  # noqa: E402
 from gptoss_train.kernels.generation import FastGenerator  # noqa: E402
 
 PRESETS = {
@@ -313,11 +312,13 @@ def expert_gemm_microbench(gen: FastGenerator, batches=(1, 4, 16, 64)) -> list[d
         # The same products from MXFP4 bytes (random codes, scale bytes 116-119 as in bench_train.py): the weights
         # are decoded in registers, 0.53 bytes a weight read instead of 2.
         mx_gu, mx_dn = mxfp4_layer
-        mx_ref = (expert_mm(xs, mx_gu[2], offs, expert_sorted, True), expert_mm(act, mx_dn[2], offs, expert_sorted, True))
+        mx_ref = (expert_mm(xs, mx_gu[2], offs, expert_sorted, True),
+                  expert_mm(act, mx_dn[2], offs, expert_sorted, True))
         mx_bytes = nbytes * (0.5 + 1 / 32) / 2
         for bn, bk, st in ((64, 64, 3), (64, 128, 3), (32, 128, 3), (128, 64, 3), (64, 64, 5), (32, 64, 4)):
             K.MXFP4_GEMM_BLOCK_N, K.MXFP4_GEMM_BLOCK_K, K.MXFP4_GEMM_STAGES = bn, bk, st
-            fn = lambda: (K.expert_gemm_mxfp4(xs, *mx_gu[:2], offs), K.expert_gemm_mxfp4(act, *mx_dn[:2], offs))  # noqa: E731
+            fn = lambda: (K.expert_gemm_mxfp4(xs, *mx_gu[:2], offs),  # noqa: E731
+                          K.expert_gemm_mxfp4(act, *mx_dn[:2], offs))
             try:
                 got = fn()
                 err = max(_rel(got[0], mx_ref[0]), _rel(got[1], mx_ref[1]))
@@ -367,8 +368,6 @@ def main() -> None:
                     help="comma list of our variants to time: default (the shipped settings), eager (unfused step), "
                          "tgemm (fused step with the Triton expert GEMM up to batch 64), grouped (fused step, "
                          "torch grouped GEMM only)")
-    ap.add_argument("--compiled-batches", default="", help="also time these batches with torch.compile'd pieces")
-    ap.add_argument("--compiled-prompt", type=int, default=512)
     ap.add_argument("--mxfp4", action="store_true",
                     help="experts as resident MXFP4 bytes (random codes); ours reads them directly. No stock rows "
                          "(transformers would need them decoded to bf16)")
@@ -451,29 +450,6 @@ def main() -> None:
     gen.fused_kernels = device == "cuda"
     gen_kernels.EXPERT_GEMM_MAX_PAIRS = shipped_pairs
     gen.reset_graphs()
-    if args.compiled_batches:
-        # Same generator, element-wise pieces through torch.compile; fresh graphs (the old ones hold eager kernels).
-        try:
-            use_compiled_kernels(True)
-            gen.reset_graphs()
-            t0 = time.perf_counter()
-            for batch in [int(b) for b in args.compiled_batches.split(",")]:
-                warm = random_prompts(batch, args.compiled_prompt, 1)
-                gen.generate(warm, max_new_tokens=3, temperature=0, stop_ids=())
-            extra["compile_warmup_s"] = time.perf_counter() - t0
-            print(f"compile + warm-up: {extra['compile_warmup_s']:.1f}s")
-            for batch in [int(b) for b in args.compiled_batches.split(",")]:
-                row = bench_ours(gen, batch, args.compiled_prompt, args.new)
-                row["impl"] = "ours+compile"
-                row["floor_ms"] = weight_bytes_per_step(model, batch) / 3.0e12 * 1000
-                rows.append(row)
-                print(json.dumps(row))
-                extra[f"compiled_graph_step_ms_b{batch}_kv1024"] = graph_step_ms(gen, batch, 1024)
-        except Exception as err:  # noqa: BLE001 - an experimental row must not lose the others
-            print(f"compiled variant failed: {type(err).__name__}: {err}")
-            extra["compiled_error"] = f"{type(err).__name__}: {str(err)[:300]}"
-        finally:
-            use_compiled_kernels(False)
     del gen
     if device == "cuda":
         torch.cuda.empty_cache()

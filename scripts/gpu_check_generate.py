@@ -231,7 +231,8 @@ def part_a(args, device, dtype) -> tuple[dict, bool]:
             if not isinstance(logits, torch.Tensor):
                 row[name] = logits
                 continue
-            row[name] = dict(vs_fp32=_vs(logits, truth), top1_vs_greedy=float((logits.argmax(-1) == greedy).float().mean()))
+            agree = float((logits.argmax(-1) == greedy).float().mean())
+            row[name] = dict(vs_fp32=_vs(logits, truth), top1_vs_greedy=agree)
         row["fp32_top1_vs_greedy"] = float((truth.argmax(-1) == greedy).float().mean())
         row["fp32_logit_std"] = float(truth.std())
         top2 = truth.topk(2, dim=-1).values
@@ -281,7 +282,8 @@ def part_b(args, device, dtype) -> tuple[dict, bool]:
             prompt_len=len(p), new=args.new,
             ours_vs_transformers_common_prefix=prefix(mine, ref),
             transformers_batched_vs_single_common_prefix=prefix(hb, ref),
-            transformers_full_forward_top1_vs_its_generate=float((full.argmax(-1) == torch.tensor(ref, device=device)).float().mean()),
+            transformers_full_forward_top1_vs_its_generate=float(
+                (full.argmax(-1) == torch.tensor(ref, device=device)).float().mean()),
             ref_min_top2_margin=float((top2[:, 0] - top2[:, 1]).min()),
             ref_logit_std=float(scores.std()),
             distinct_tokens=len(set(ref)),
@@ -336,7 +338,8 @@ def main() -> None:
         print(f"   fp32 itself vs transformers' greedy: {row['fp32_top1_vs_greedy']:.3f}; "
               f"our greedy common prefix {row['ours_greedy_common_prefix']}/{row['new']}")
     for row in result.get("B", {}).get("prompts", []):
-        print(f"B prompt {row['prompt_len']}: ours vs transformers {row['ours_vs_transformers_common_prefix']}/{row['new']}, "
+        print(f"B prompt {row['prompt_len']}: "
+              f"ours vs transformers {row['ours_vs_transformers_common_prefix']}/{row['new']}, "
               f"transformers batched vs single {row['transformers_batched_vs_single_common_prefix']}/{row['new']}, "
               f"min top-2 margin {row['ref_min_top2_margin']:.2f}, distinct tokens {row['distinct_tokens']}")
     print("PASS" if ok else "FAIL")

@@ -640,7 +640,8 @@ def decode_step_fused(
             ], dim=-1)
         kc, vc = cache.k[li], cache.v[li]
         q = K.rope_kv_write(qkv, positions, w.cos2, w.sin2, kc, vc, w.num_heads, ring=layer.sliding)
-        attn = K.decode_attention(q, kc, vc, positions, layer.sinks, w.scaling, kc.shape[2] if layer.sliding else kv_len)
+        keys = kc.shape[2] if layer.sliding else kv_len  # the whole ring, or the live bucket of a full layer
+        attn = K.decode_attention(q, kc, vc, positions, layer.sinks, w.scaling, keys)
         x, h = K.add_rms_norm(x, out_projection(layer, attn), layer.post_norm, layer.norm_eps)
         logits = F.linear(h, layer.router_w, layer.router_b)
         scores, _, expert_sorted, token_sorted, offs, inv = K.route_sort(logits, w.top_k, h.dtype)
@@ -670,27 +671,9 @@ def decode_step_fused(
     return F.linear(h, w.lm_head).float()
 
 
-# The small element-wise pieces of a step, looked up at call time so that `use_compiled_kernels` can swap in
-# torch.compile'd versions (fusing ~60 small kernels a layer into a few); plain eager functions by default.
-EAGER_KERNELS = dict(
+# The small element-wise pieces of the prefill and of the eager decode step. (A torch.compile'd variant was tried
+# on torch 2.11; its "capture failure" was a stale graph pool, not the compiler. The fused Triton decode step,
+# gen_kernels, replaced it.)
+KERNELS = dict(
     rms_norm=rms_norm, rope=rope, swiglu=swiglu, route=route, combine=combine, sink_softmax=sink_softmax
 )
-KERNELS = dict(EAGER_KERNELS)
-
-
-def use_compiled_kernels(enabled: bool) -> None:
-    """Route the element-wise pieces through torch.compile (Inductor/Triton on CUDA). Process-wide switch.
-
-    Experimental, off by default: on torch 2.11 (H100) the CUDA-graph capture of a step using these failed with an
-    allocator assert (`use_count > 0`, CUDACachingAllocator) and decoding fell back to eager, slower than the
-    default eager-kernels-in-graphs path (docs/fast-generation.md). Correct on CPU (same greedy tokens)."""
-    KERNELS.clear()
-    if not enabled:
-        KERNELS.update(EAGER_KERNELS)
-        return
-    import torch._dynamo
-
-    # Shapes change with the batch bucket and every prefill; automatic dynamic shapes settle after one recompile.
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    for name, fn in EAGER_KERNELS.items():
-        KERNELS[name] = torch.compile(fn, fullgraph=False)
