@@ -268,7 +268,7 @@ def expert_gemm_microbench(gen: FastGenerator, batches=(1, 4, 16, 64)) -> list[d
 
     w = gen.weights
     layer = w.layers[0]
-    saved = (K.EXPERT_GEMM_TILES, K.MXFP4_GEMM_BLOCK_N, K.MXFP4_GEMM_BLOCK_K, K.MXFP4_GEMM_STAGES)
+    saved = (K.EXPERT_GEMM_TILES, K.MXFP4_GEMM_TILES)
     rows = []
     g = torch.Generator(device=gen.device).manual_seed(0)
     from gptoss_train.kernels.moe import decode_mxfp4_experts
@@ -316,7 +316,7 @@ def expert_gemm_microbench(gen: FastGenerator, batches=(1, 4, 16, 64)) -> list[d
                   expert_mm(act, mx_dn[2], offs, expert_sorted, True))
         mx_bytes = nbytes * (0.5 + 1 / 32) / 2
         for bn, bk, st in ((64, 64, 3), (64, 128, 3), (32, 128, 3), (128, 64, 3), (64, 64, 5), (32, 64, 4)):
-            K.MXFP4_GEMM_BLOCK_N, K.MXFP4_GEMM_BLOCK_K, K.MXFP4_GEMM_STAGES = bn, bk, st
+            K.MXFP4_GEMM_TILES = (bn, bk, st)
             fn = lambda: (K.expert_gemm_mxfp4(xs, *mx_gu[:2], offs),  # noqa: E731
                           K.expert_gemm_mxfp4(act, *mx_dn[:2], offs))
             try:
@@ -329,7 +329,7 @@ def expert_gemm_microbench(gen: FastGenerator, batches=(1, 4, 16, 64)) -> list[d
             row[f"mxfp4_{bn}_{bk}_{st}"] = dict(us=t * 1e3, tb_s=mx_bytes / t / 1e9, rel_err=err)
         rows.append(row)
         print(json.dumps(row))
-    K.EXPERT_GEMM_TILES, K.MXFP4_GEMM_BLOCK_N, K.MXFP4_GEMM_BLOCK_K, K.MXFP4_GEMM_STAGES = saved
+    K.EXPERT_GEMM_TILES, K.MXFP4_GEMM_TILES = saved
     del mxfp4_layer
     torch.cuda.empty_cache()
     return rows
