@@ -28,9 +28,9 @@ Three implementations give the same bits (tested): ``eager`` (vectorised torch, 
 arithmetic through torch.compile: triton on CUDA, inductor C++ on CPU) and ``native`` (a small C kernel, CPU only,
 built on first use with the system compiler and run on torch's thread count: ``mxfp4_native``). ``kernel=None`` picks
 native on CPU when it builds, compiled for large CUDA tensors, eager otherwise; ``GPTOSS_MXFP4_KERNEL`` sets the
-default. Why native on CPU: for all 20b experts (19.1 G weights, 2-core CPU) eager + inductor took ~106 s of CPU
-time, the native kernel ~40 s, most of it the kernel faulting in the 50 GB of fresh output pages
-(``scripts/bench_mxfp4.py``).
+default. Why native on CPU: for all 20b experts (19.1 G weights, 2-core CPU, ``scripts/bench_mxfp4.py``) eager +
+inductor took ~106 s of CPU time, the native kernel ~37 s, over half of it the operating system zeroing the fresh
+pages of ~50 GB of outputs (~23 s with ``out=`` buffers reused).
 """
 
 from __future__ import annotations

@@ -1,25 +1,30 @@
 """A small C kernel for the MXFP4 codec on CPU, built on first use with the system C compiler and loaded by ctypes.
 
-Why: on CPU the codec is memory- and branch-heavy per 32-element block, and neither eager torch (~15 passes over
-the data) nor inductor's C++ (it splits the block reductions into separate passes and scalarises the bit casts) gets
-close to one pass per block: decode + encode of every gpt-oss-20b expert took ~105 s of CPU time that way. This
-kernel does each block in one pass, in registers, and is auto-vectorised by the compiler.
+Why: on CPU neither eager torch (~15 passes over the data per chunk) nor inductor's C++ (it splits the block
+reductions into separate passes and scalarises the bit casts) gets close to one pass per 32-element block: decode +
+encode of every gpt-oss-20b expert took ~106 s of CPU time that way (and far longer on a busy machine, where
+OpenMP threads spin on a core someone else holds). This kernel does each block in one pass, in registers,
+auto-vectorised by the compiler; ``mxfp4`` runs it on torch's thread count in Python threads (ctypes releases the
+GIL). Decoding the 38 GB of bf16 to fresh tensors now costs more in the operating system (zeroing new pages) than in
+the kernel: ``decode(out=...)`` / ``encode(out=...)`` let a loop over layers reuse its buffers.
 
 It is an accelerator only. ``gptoss_train.quant.mxfp4``'s eager torch code stays the reference (the tests check this
-kernel against it bit for bit), and whenever the kernel cannot be built (no compiler, a non-POSIX platform,
-``GPTOSS_MXFP4_NATIVE=0``) the codec silently uses the torch paths with the same results.
+kernel against it bit for bit), and whenever the kernel cannot be built (no compiler, Windows,
+``GPTOSS_MXFP4_NATIVE=0``) the codec uses the torch paths with the same results (one warning if a build failed).
 
 Exactness is the reference's, by construction:
 
 * decode gathers from the same exact 65,536-entry pair table (``mxfp4._pair_table``) the eager path uses;
-* encode does the reference's float32 arithmetic in the same order (amax from the bits, ``|x| * 2**-s``, RNE onto
-  the E2M1 grid through ``rint``); for the ``best`` rule it sums the squared errors in float64 like the reference,
-  and flags a block *ambiguous* when the two sums are within 1e-9 relative, because its summation order differs
-  from torch's (both are within ~4e-15 of the exact sums): the caller redoes those blocks with the reference code.
+* encode does the reference's float32 arithmetic (amax from the bits, ``|x| * 2**-s`` by an exact power of two, RNE
+  onto the E2M1 grid through ``rint``, the grid value as a product by a power of two);
+* ``best``: where the rules differ but no element exceeds 7 at the floor scale, the floor rule provably wins or
+  ties (see ``encode_block``); elsewhere the kernel sums the squared errors in float32 (within ~5e-7 relative of
+  the exact sums) and flags a block *ambiguous* when they are within 1e-5 of each other: the caller redoes those
+  (rare) blocks with the reference code, whose float64 sums decide.
 
-Built with ``-O3 -march=native``: the library is cached per CPU model and source hash under
-``$GPTOSS_CACHE_DIR`` or ``~/.cache/gptoss-train`` and rebuilt when either changes. No torch headers are needed, so
-a build takes about a second.
+Built with ``-O3 -march=native`` (portable flags if the compiler rejects that): the library is cached per CPU,
+compiler and source hash under ``$GPTOSS_CACHE_DIR`` or ``~/.cache/gptoss-train``. No torch headers are needed, so
+a build takes under a second.
 """
 
 from __future__ import annotations
