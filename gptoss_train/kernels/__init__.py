@@ -18,6 +18,7 @@ import torch
 
 from gptoss_train.kernels.attention import install_sink_attention, register_sink_attention, sink_attention_forward
 from gptoss_train.kernels.loss import causal_lm_chunked_loss, chunked_linear_cross_entropy, install_chunked_loss
+from gptoss_train.kernels.embedding import offload_frozen_embeddings, restore_embeddings
 from gptoss_train.kernels.layer import compile_failure, install_compiled_layers
 from gptoss_train.kernels.moe import attach_mxfp4_experts, install_fast_experts, moe_experts_forward
 from gptoss_train.kernels.norm import install_compiled_norms
@@ -26,7 +27,8 @@ __all__ = [
     "enable_fast_training", "install_sink_attention", "register_sink_attention", "sink_attention_forward",
     "install_fast_experts", "moe_experts_forward", "attach_mxfp4_experts", "install_chunked_loss",
     "chunked_linear_cross_entropy", "causal_lm_chunked_loss", "install_recompute", "RECOMPUTE_CHOICES",
-    "install_compiled_norms", "install_compiled_layers", "compile_failure",
+    "install_compiled_norms", "install_compiled_layers", "compile_failure", "offload_frozen_embeddings",
+    "restore_embeddings",
 ]
 
 # "layer": transformers' gradient checkpointing (recompute whole decoder layers; least memory).
@@ -71,7 +73,8 @@ def install_recompute(model, recompute: str) -> None:
 
 def enable_fast_training(model, *, attention: bool = True, experts: bool = True, loss: bool = True, norms: bool = True,
                          recompute: str | None = None, loss_chunk_size: int = 1024, compile_layers: bool | None = None,
-                         compile_backend: str = "inductor", force: bool = False) -> str | None:
+                         compile_backend: str = "inductor", offload_embeddings: bool = False,
+                         force: bool = False) -> str | None:
     """Switch a loaded GptOssForCausalLM (possibly PEFT-wrapped) to the fast training path.
 
     Returns a one-line description of what was switched, or None when the model is not on CUDA (the reference
@@ -79,6 +82,8 @@ def enable_fast_training(model, *, attention: bool = True, experts: bool = True,
     Call it after PEFT has wrapped the model (the experts path reads PEFT's LoRA factors) and before training.
     ``compile_layers`` (default: on CUDA, when attention and experts are on) runs each decoder layer as one
     compiled region (kernels/layer.py); recompute "attention"/"experts" keep those layers eager.
+    ``offload_embeddings`` (opt-in) keeps a frozen input embedding table in pinned host memory (kernels/embedding.py;
+    read its docstring before combining it with generation in the same process).
     """
     try:
         device = next(model.parameters()).device
@@ -105,6 +110,10 @@ def enable_fast_training(model, *, attention: bool = True, experts: bool = True,
         # A training forward with use_cache would build a KV cache, and layers given a cache run eagerly (decoding);
         # generate() still asks for its cache explicitly.
         (model.get_base_model() if hasattr(model, "get_base_model") else model).config.use_cache = False
+    if offload_embeddings:
+        freed = offload_frozen_embeddings(model)
+        parts.append(f"embeddings=host memory ({freed / 2**30:.2f} GiB freed)" if freed
+                     else "embeddings=kept (trained or tied)")
     if recompute is not None:
         install_recompute(model, recompute)
         parts.append(f"recompute={recompute}")

@@ -1,0 +1,59 @@
+"""Frozen input embeddings kept in host memory (opt-in): 1.08 GiB of GPU memory back for 20b/120b LoRA.
+
+gpt-oss's input table is 201,088 x 2880 bf16. Under LoRA it is frozen and read once per step, for the batch's rows
+only (8192 rows = 45 MiB at 4 x 2048). Kept in pinned host memory, the lookup runs on the CPU straight into a
+pinned buffer and goes to the GPU as one asynchronous copy. Cost: the token ids come to the host first (one
+synchronisation per forward) plus the gather and copy, a few ms a step.
+
+Opt-in (``enable_fast_training(..., offload_embeddings=True)``), because ``embed_tokens.weight`` becomes a zero-stride
+placeholder on the GPU (so ``model.device`` and shapes stay right): code that reads that tensor directly, such as
+the generation fast path (kernels/gen_model.py) or a full-model ``save_pretrained``, must run after
+``restore_embeddings``. LoRA adapters save as usual (the table is not part of them).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def _host_embedding_forward(module, input_ids: torch.Tensor) -> torch.Tensor:
+    host = module._host_weight
+    ids = input_ids.to("cpu").reshape(-1)
+    rows = torch.empty((ids.numel(), host.shape[1]), dtype=host.dtype, pin_memory=host.is_pinned())
+    torch.index_select(host, 0, ids, out=rows)
+    return rows.view(*input_ids.shape, host.shape[1]).to(module.weight.device, non_blocking=True)
+
+
+def offload_frozen_embeddings(model) -> int:
+    """Move a frozen, untied input embedding table to pinned host memory; returns the bytes freed on the device
+    (0 when the table trains, is tied to the LM head, or was moved already)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    embed = base.get_input_embeddings()
+    weight = embed.weight
+    lm_head = base.get_output_embeddings()
+    if (weight.requires_grad or getattr(embed, "_host_weight", None) is not None
+            or (lm_head is not None and lm_head.weight.data_ptr() == weight.data_ptr())):
+        return 0
+    host = weight.detach().to("cpu")
+    if weight.is_cuda:
+        host = host.pin_memory()
+    freed = weight.numel() * weight.element_size()
+    embed._host_weight = host
+    embed.weight = torch.nn.Parameter(torch.zeros(1, dtype=weight.dtype, device=weight.device).expand(weight.shape),
+                                      requires_grad=False)
+    embed.forward = functools.partial(_host_embedding_forward, embed)
+    return freed
+
+
+def restore_embeddings(model) -> bool:
+    """Undo ``offload_frozen_embeddings``: the table back on the model's device as a normal parameter."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    embed = base.get_input_embeddings()
+    host = embed.__dict__.pop("_host_weight", None)
+    if host is None:
+        return False
+    embed.weight = torch.nn.Parameter(host.to(embed.weight.device), requires_grad=False)
+    embed.__dict__.pop("forward", None)
+    return True
