@@ -97,8 +97,8 @@ if triton is not None:
 
     @triton.jit
     def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, sinks_ptr, out_ptr, part_m_ptr,
-                                 part_l_ptr, part_acc_ptr, cache_len, scale, KV_LEN: tl.constexpr,
-                                 SPLIT_LEN: tl.constexpr, SPLITS: tl.constexpr, G: tl.constexpr,
+                                 part_l_ptr, part_acc_ptr, cache_len, kv_len, splits, scale,
+                                 SPLIT_LEN: tl.constexpr, ONE_SPLIT: tl.constexpr, G: tl.constexpr,
                                  GB: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr):
         # One program per (sequence, kv head, key split): its G query heads against keys [split * SPLIT_LEN, ...)
         # (those at index <= position), online softmax in fp32. The sink logit joins split 0's denominator. With
@@ -118,9 +118,10 @@ if triton is not None:
         l_sum = tl.where(split == 0, 1.0, 0.0) + tl.zeros([GB], tl.float32)
         acc = tl.zeros([GB, D], tl.float32)
         base = (b * HKV + kvh) * cache_len * D
-        for off in range(0, SPLIT_LEN, BLOCK_L):  # constexpr bounds: one specialisation per KV-length bucket
+        # kv_len and splits are run-time values: one compiled kernel serves every KV-length bucket
+        for off in range(0, SPLIT_LEN, BLOCK_L):
             keys = split * SPLIT_LEN + off + tl.arange(0, BLOCK_L)
-            valid = (keys < KV_LEN) & (keys <= pos)
+            valid = (keys < kv_len) & (keys <= pos)
             k = tl.load(k_cache_ptr + base + keys[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k))  # [GB, BLOCK_L] fp32
             # eager: q.K in the activation dtype, then the scale (a power of two: exact)
@@ -133,30 +134,30 @@ if triton is not None:
             v = tl.load(v_cache_ptr + base + keys[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m = m_new
-        if SPLITS == 1:
+        if ONE_SPLIT:
             out = acc / l_sum[:, None]
             tl.store(out_ptr + (b * (HKV * G) + heads[:, None]) * D + d[None, :],
                      out.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
         else:
-            part = ((b * HKV + kvh) * SPLITS + split) * GB
+            part = ((b * HKV + kvh) * splits + split) * GB
             tl.store(part_m_ptr + part + g, m)
             tl.store(part_l_ptr + part + g, l_sum)
             tl.store(part_acc_ptr + (part + g[:, None]) * D + d[None, :], acc)
 
     @triton.jit
-    def _attention_combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, SPLITS: tl.constexpr,
+    def _attention_combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, splits,
                                   G: tl.constexpr, GB: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1)
         g = tl.arange(0, GB)
         d = tl.arange(0, D)
-        base = (b * HKV + kvh) * SPLITS * GB
+        base = (b * HKV + kvh) * splits * GB
         m = tl.full([GB], -1.0e30, tl.float32)
-        for sp in range(SPLITS):
+        for sp in range(splits):
             m = tl.maximum(m, tl.load(part_m_ptr + base + sp * GB + g))
         l_sum = tl.zeros([GB], tl.float32)
         acc = tl.zeros([GB, D], tl.float32)
-        for sp in range(SPLITS):
+        for sp in range(splits):
             w = tl.exp(tl.load(part_m_ptr + base + sp * GB + g) - m)
             l_sum += w * tl.load(part_l_ptr + base + sp * GB + g)
             acc += w[:, None] * tl.load(part_acc_ptr + (base + sp * GB + g[:, None]) * D + d[None, :])
@@ -379,12 +380,12 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Ten
         part_l = torch.empty_like(part_m)
         part_acc = torch.empty(batch, kv_heads, splits, gb, head_dim, dtype=torch.float32, device=q.device)
     _decode_attention_kernel[(batch, kv_heads, splits)](
-        q, k_cache, v_cache, positions, sinks, out, part_m, part_l, part_acc, cache_len, scale, KV_LEN=kv_len,
-        SPLIT_LEN=split_len, SPLITS=splits, G=groups, GB=gb, HKV=kv_heads, D=head_dim,
+        q, k_cache, v_cache, positions, sinks, out, part_m, part_l, part_acc, cache_len, kv_len, splits, scale,
+        SPLIT_LEN=split_len, ONE_SPLIT=splits == 1, G=groups, GB=gb, HKV=kv_heads, D=head_dim,
         BLOCK_L=min(64, split_len), num_warps=4,
     )
     if splits > 1:
-        _attention_combine_kernel[(batch, kv_heads)](part_m, part_l, part_acc, out, SPLITS=splits, G=groups, GB=gb,
+        _attention_combine_kernel[(batch, kv_heads)](part_m, part_l, part_acc, out, splits, G=groups, GB=gb,
                                                      HKV=kv_heads, D=head_dim, num_warps=4)
     return out
 
