@@ -168,7 +168,7 @@ def _block_mask(position_ids, padding, sliding_window, batch_size, q_len, kv_len
             doc = None
         mask_mod = make_mask_mod(doc, padding, sliding_window, q_offset=kv_len - q_len)
         return create_block_mask(mask_mod, B=batch_size, H=None, Q_LEN=q_len, KV_LEN=kv_len, device=device,
-                                 _compile=True)
+                                 _compile=torch.device(device).type == "cuda")  # CPU (tests): small, eager
 
     return _block_masks.get(position_ids, padding, sliding_window, (batch_size, q_len, kv_len), build)
 

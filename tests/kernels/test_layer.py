@@ -2,7 +2,7 @@
 
 The CUDA path compiles with inductor; here the "aot_eager" backend runs the same dynamo + AOTAutograd tracing
 (autograd Functions, PEFT's LoRA modules, the opaque MXFP4 / grouped-GEMM ops, checkpointing around the region)
-without code generation, so it checks in seconds what would break the GPU compile. Inductor itself: the slow test.
+without code generation, so it checks in seconds what would break the GPU compile.
 """
 
 import copy
@@ -47,11 +47,6 @@ def _train_both(recompute: str, backend: str, steps: int = 2):
 @pytest.mark.parametrize("recompute", ["layer", "none"])
 def test_compiled_layers_match_reference(recompute):
     _train_both(recompute, "aot_eager")
-
-
-@pytest.mark.slow
-def test_compiled_layers_with_inductor_match_reference():
-    _train_both("layer", "inductor")
 
 
 def test_per_module_recompute_keeps_layers_eager():
@@ -112,22 +107,17 @@ def test_flex_branch_of_the_compiled_body_traces_whole():
             assert rel_err(got, expected) < 1e-5
 
 
-@pytest.mark.slow
-def test_inductor_bf16_lora_operand_layouts():
-    """bf16 with inductor: PEFT's lora_B read as [E, r, out] is a permuted view; inductor dropped the .contiguous()
-    before grouped_mm (a run failed so on the H100). The layout is now fixed inside the grouped-GEMM op."""
-    torch._dynamo.reset()
-    model = build_tiny_model().to(torch.bfloat16)
-    reference, fast = add_lora(copy.deepcopy(model), rank=8), add_lora(copy.deepcopy(model), rank=8)
-    reference.train()
-    fast.train()
-    enable_fast_training(fast, recompute="layer", force=True, compile_layers=True)
-    ids = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(7))
-    ref_loss, fast_loss = reference(input_ids=ids, labels=ids).loss, fast(input_ids=ids, labels=ids).loss
-    ref_loss.backward()
-    fast_loss.backward()
-    assert compile_failure() is None
-    assert rel_err(fast_loss, ref_loss) < 1e-3
-    ref_grads = lora_grads(reference)
-    for name, grad in lora_grads(fast).items():  # bf16 rounding differs between fused and unfused kernels
-        assert torch.isfinite(grad).all() and rel_err(grad, ref_grads[name]) < 0.1, name
+def test_grouped_gemm_op_fixes_permuted_operands():
+    """PEFT's lora_B read as [E, r, out] is a permuted view. Eagerly a .contiguous() at the call site fixed it, but
+    inductor dropped that copy on the H100 ("Invalid strides/sizes ... [1, 32, 256]"); the opaque grouped-GEMM op
+    now fixes operand layouts itself, whatever it is handed. (Inductor itself on this: the bf16 CPU check in
+    docs/fast-training.md, too slow for the suite.)"""
+    from gptoss_train.kernels.moe import _grouped_mm
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 8, generator=gen)
+    weight_b = torch.randn(16, 8 * 3, generator=gen)  # PEFT lora_B [out, r*E], r=8, E=3
+    permuted = weight_b.view(16, 8, 3).permute(2, 1, 0)  # [E, r, out], strides (1, 3, 24): neither row- nor col-major
+    offs = torch.tensor([4, 9, 12], dtype=torch.int32)
+    expected = torch.cat([x[0:4] @ permuted[0], x[4:9] @ permuted[1], x[9:12] @ permuted[2]])
+    assert rel_err(_grouped_mm(x, permuted, offs), expected) < 1e-6
