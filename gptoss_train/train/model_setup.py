@@ -236,9 +236,14 @@ def apply_fast_path(model, cfg: SFTConfig) -> str:
         except ImportError as error:
             line = f"reference path: transformers eager (gptoss_train.kernels unavailable: {error})"
         else:
-            description = enable_fast_training(model, recompute="layer" if cfg.train.gradient_checkpointing else None)
+            # QAT fake-quantises the experts inside the experts module's forward; the fast experts path reads the
+            # weights itself and would bypass it, so under QAT the experts stay on the reference path.
+            description = enable_fast_training(model, experts=not cfg.qat,
+                                               recompute="layer" if cfg.train.gradient_checkpointing else None)
             line = (f"fast path: {description}" if description
                     else "reference path: transformers eager (fast path not applicable to this model)")
+            if description and cfg.qat:
+                line += "; experts on the reference path (qat: true fake-quantises them there)"
     print(line, flush=True)
     log.info(line)
     return line

@@ -95,3 +95,22 @@ def test_fast_path_line_on_cpu(tiny_lora_cfg, capsys):
     assert line == "reference path: transformers eager (no CUDA device)"
     tiny_lora_cfg.fast_path = "off"
     assert "fast_path: off" in model_setup.apply_fast_path(torch.nn.Linear(1, 1), tiny_lora_cfg)
+
+
+@pytest.mark.parametrize("qat", [False, True])
+def test_fast_path_keeps_reference_experts_under_qat(tiny_lora_cfg, monkeypatch, qat):
+    """QAT patches the experts module's forward; the fast experts path would bypass it, so it is left out."""
+    import gptoss_train.kernels as kernels
+
+    seen = {}
+
+    def fake_enable(model, **kwargs):
+        seen.update(kwargs)
+        return "attention=x" + (", experts=y" if kwargs.get("experts", True) else "")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(kernels, "enable_fast_training", fake_enable)
+    tiny_lora_cfg.qat = qat
+    line = model_setup.apply_fast_path(torch.nn.Linear(1, 1), tiny_lora_cfg)
+    assert seen["experts"] is (not qat)
+    assert ("experts on the reference path" in line) is qat
