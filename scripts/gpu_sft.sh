@@ -6,7 +6,8 @@
 #   bash scripts/gpu_sft.sh cpu-smoke     # the same commands on CPU with the tiny preset (tests run this)
 #
 # Each run prints the recipe's summary line: steps, seconds, tokens/s (non-pad tokens through the model) and peak
-# GPU memory. Environment: STEPS, SEQ (tokens per packed row), OUT (work folder).
+# GPU memory. Environment: STEPS, SEQ (tokens per packed row), OUT (work folder), EXTRA (more overrides, e.g.
+# EXTRA="train.batch_size=4").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-lora}
@@ -28,14 +29,14 @@ case "$mode" in
     build "$OUT/m20b" --preset 20b
     accelerate launch --config_file configs/accelerate/single-gpu.yaml recipes/sft_lora.py \
       --config configs/sft/20b-lora.yaml model.path="$OUT/m20b" $common data.max_length="$SEQ" \
-      train.steps="$STEPS" train.grad_accum=1 train.output_dir="$OUT/lora-run"
+      train.steps="$STEPS" train.grad_accum=1 train.output_dir="$OUT/lora-run" ${EXTRA:-}
     ;;
   full)
     STEPS=${STEPS:-30}; SEQ=${SEQ:-2048}
     build "$OUT/m20b-4l" --preset 20b --layers 4
     accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes 2 recipes/sft_full.py \
       --config configs/sft/20b-full.yaml model.path="$OUT/m20b-4l" $common data.max_length="$SEQ" \
-      train.steps="$STEPS" train.grad_accum=1 train.output_dir="$OUT/full-run"
+      train.steps="$STEPS" train.grad_accum=1 train.output_dir="$OUT/full-run" ${EXTRA:-}
     ;;
   cpu-smoke)
     STEPS=${STEPS:-2}; SEQ=${SEQ:-1024}
