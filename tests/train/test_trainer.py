@@ -157,3 +157,16 @@ def test_run_summary_names_the_mean_loss_and_the_steady_rate(tiny_lora_cfg):
     line = trainer_mod.run_summary(trainer, result, 1.0)
     assert line.startswith("trained 3 steps in 1.0 s; mean loss ")
     assert "tokens/s over steps 2-3, after the warm-up" in line
+
+
+def test_fast_path_drops_the_short_last_batch_only_when_it_must(tiny_lora_cfg, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    tiny_lora_cfg.train.batch_size = 4
+    drops = trainer_mod.fast_path_drops_last_batch
+    assert drops(tiny_lora_cfg, list(range(69)), use_fast_path=True)        # 69 = 17 x 4 + 1: drop the 1
+    assert not drops(tiny_lora_cfg, list(range(68)), use_fast_path=True)    # divides: nothing to drop
+    assert not drops(tiny_lora_cfg, list(range(3)), use_fast_path=True)     # less than one batch: keep it
+    assert not drops(tiny_lora_cfg, list(range(69)), use_fast_path=False)   # reference path: shapes may vary
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert not drops(tiny_lora_cfg, list(range(72)), use_fast_path=True)    # 72 rows over 2 ranks x 4
+    assert drops(tiny_lora_cfg, list(range(69)), use_fast_path=True)
