@@ -176,7 +176,10 @@ def _tool_result(tool: str, args: dict) -> dict:
 def _reasoning_for_call(tool: str, args: dict) -> str:
     # Short, and the slots in the same order as the call's JSON: a tiny random model copies a value most easily from
     # a few tokens back (its sliding-window layers see only the user turn and this note, not the long system prompt).
-    return f"Call {tool} for {', '.join(args.values())}."
+    # The city always follows " in", for every tool: the copy learned on one tool then serves the others (with
+    # "Call get_time for <city>" the model wrote cities it had seen with get_time instead of held-out ones).
+    others = [value for key, value in args.items() if key != "city"]
+    return f"Call {tool}" + (f" for {', '.join(others)}" if others else "") + f" in {args['city']}."
 
 
 def _final_answer(tool: str, args: dict, result: dict) -> str:
