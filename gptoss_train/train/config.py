@@ -91,6 +91,9 @@ class TrainSection:
     gradient_checkpointing: bool = False
     seed: int = 0
     lr_scheduler: str = "cosine"
+    # Extra arguments of the scheduler, e.g. {num_decay_steps: 100} for warmup_stable_decay (transformers'
+    # get_wsd_schedule: constant lr, then a decay over the last num_decay_steps).
+    lr_scheduler_kwargs: dict = field(default_factory=dict)
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0

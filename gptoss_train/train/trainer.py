@@ -200,6 +200,7 @@ def make_training_args(cfg: SFTConfig, *, full: bool, use_fast_recompute: bool =
         seed=t.seed,
         data_seed=t.seed,
         lr_scheduler_type=t.lr_scheduler,
+        lr_scheduler_kwargs=dict(t.lr_scheduler_kwargs),
         warmup_steps=t.warmup_ratio,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,

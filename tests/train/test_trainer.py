@@ -170,3 +170,23 @@ def test_fast_path_drops_the_short_last_batch_only_when_it_must(tiny_lora_cfg, m
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert not drops(tiny_lora_cfg, list(range(72)), use_fast_path=True)    # 72 rows over 2 ranks x 4
     assert drops(tiny_lora_cfg, list(range(69)), use_fast_path=True)
+
+
+def test_scheduler_kwargs_reach_the_trainer(tiny_lora_cfg):
+    # warmup_stable_decay needs its decay length; the CPU quickstart decays over its last steps.
+    tiny_lora_cfg.train.steps = 10
+    tiny_lora_cfg.train.lr_scheduler = "warmup_stable_decay"
+    tiny_lora_cfg.train.lr_scheduler_kwargs = {"num_decay_steps": 4}
+    args = trainer_mod.make_training_args(tiny_lora_cfg, full=False)
+    assert args.lr_scheduler_kwargs == {"num_decay_steps": 4}
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=0, num_training_steps=10,
+                             scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+    rates = []
+    for _ in range(10):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates[:6] == [1.0] * 6 and rates[6] > rates[7] > rates[8] > rates[9]
