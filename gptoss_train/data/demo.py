@@ -178,8 +178,11 @@ def _reasoning_for_call(tool: str, args: dict) -> str:
     # a few tokens back (its sliding-window layers see only the user turn and this note, not the long system prompt).
     # The city always follows " in", for every tool: the copy learned on one tool then serves the others (with
     # "Call get_time for <city>" the model wrote cities it had seen with get_time instead of held-out ones).
+    # The slots come first and the tool last: the tool is then chosen right after the copied day / cuisine (or its
+    # absence), a cue a few tokens back, instead of before anything is copied (with "Call <tool> for Thai in Rome",
+    # the model wrote the right slots under the wrong tool for user wordings it had not seen).
     others = [value for key, value in args.items() if key != "city"]
-    return f"Call {tool}" + (f" for {', '.join(others)}" if others else "") + f" in {args['city']}."
+    return (f"For {', '.join(others)} in {args['city']}" if others else f"In {args['city']}") + f": call {tool}."
 
 
 def _final_answer(tool: str, args: dict, result: dict) -> str:
