@@ -289,6 +289,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     for key, value in parse_overrides(list(overrides or [])):
         _apply_override(data, key, value)
     cfg = _build(SFTConfig, data, f"{source} + command line" if overrides else source)
+    check_scheduler_kwargs(cfg, f"{source} + command line" if overrides else source)
     if cfg.train.resume:
         # Here, not only when the trainer resumes: a config that cannot resume is reported before the model loads.
         from gptoss_train.train.trainer import find_latest_checkpoint
@@ -298,6 +299,30 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         if checkpoint is not None:
             check_resume_config(cfg, checkpoint)
     return cfg
+
+
+def check_scheduler_kwargs(cfg: SFTConfig, source: str) -> None:
+    """train.lr_scheduler_kwargs must be arguments of train.lr_scheduler's schedule function: otherwise the trainer
+    fails with a TypeError at its first step (e.g. num_decay_steps left in a file after lr_scheduler=linear on the
+    command line)."""
+    kwargs = cfg.train.lr_scheduler_kwargs
+    if not kwargs:
+        return
+    import inspect
+
+    from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION, SchedulerType
+
+    try:
+        function = TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(cfg.train.lr_scheduler)]
+    except (ValueError, KeyError):
+        return  # an unknown scheduler name is reported by the trainer itself, with the valid names
+    accepted = set(inspect.signature(function).parameters) - {"optimizer", "num_warmup_steps", "num_training_steps"}
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise ConfigError(
+            f"{source}: train.lr_scheduler_kwargs {unknown} are not arguments of the {cfg.train.lr_scheduler!r} "
+            f"schedule (it takes: {', '.join(sorted(accepted)) or 'none'}). Drop them "
+            f"(train.lr_scheduler_kwargs={{}}) or choose the scheduler they belong to.")
 
 
 def save_config(cfg: SFTConfig, path: str | os.PathLike) -> Path:

@@ -123,3 +123,12 @@ def test_resume_may_extend_the_run_and_change_reporting(tmp_path):
     assert cfg.train.steps == 8 and cfg.train.resume == "latest"
     # no checkpoint yet: nothing to compare, the run starts fresh
     assert load_config(path, [f"train.output_dir={tmp_path / 'new'}", "lora.r=4", "--resume", "latest"]).lora.r == 4
+
+
+def test_scheduler_kwargs_must_belong_to_the_scheduler(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr_scheduler: warmup_stable_decay\n  lr_scheduler_kwargs: {num_decay_steps: 10}\n")
+    assert load_config(path).train.lr_scheduler_kwargs == {"num_decay_steps": 10}
+    with pytest.raises(ConfigError, match=r"\['num_decay_steps'\] are not arguments of the 'linear' schedule"):
+        load_config(path, ["train.lr_scheduler=linear"])
+    assert load_config(path, ["train.lr_scheduler=linear", "train.lr_scheduler_kwargs={}"]).train.lr_scheduler == "linear"
