@@ -283,15 +283,8 @@ if triton is not None:
                      mask=rmask[:, None] & nmask[None, :])
 
 
-    @triton.jit
-    def _e2m1(code):
-        # E2M1 nibble -> float32: bit 3 sign, bits 2-1 exponent (bias 1), bit 0 mantissa; exponent 0 is subnormal.
-        magnitude = code & 7
-        exponent = magnitude >> 1
-        mantissa = (magnitude & 1).to(tl.float32)
-        power = ((exponent + 126) << 23).to(tl.float32, bitcast=True)
-        value = tl.where(exponent == 0, mantissa * 0.5, (1.0 + mantissa * 0.5) * power)
-        return tl.where((code & 8) != 0, -value, value)
+    # E2M1 nibble -> float32, shared with the training path's decode kernel (one definition of the bit layout)
+    from gptoss_train.kernels.mxfp4_decode import _e2m1  # noqa: E402
 
     @triton.jit
     def _expert_gemm_mxfp4_kernel(x_ptr, x_rows_ptr, blocks_ptr, scales_ptr, offs_ptr, out_ptr, K: tl.constexpr,
