@@ -19,18 +19,24 @@ import torch
 IGNORE_INDEX = -100
 
 
-def _chunk_loss_and_grad(logits: torch.Tensor, target: torch.Tensor, ignore_index: int):
-    """(summed loss, d(loss)/d(logits) in ``logits.dtype``) of one chunk, for the valid rows; ignored rows get 0.
-
-    Compiled on CUDA into a reduction and one elementwise pass: the fp32 logits, exp and one-hot never exist as
-    whole buffers (eagerly they were ~8 passes over a 0.8 GB fp32 chunk, and 0.8 GB of transient memory)."""
-    out_dtype = logits.dtype
+def _chunk_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int):
+    """(summed loss over the valid rows, fp32 logits, lse, valid mask, target with ignored rows set to 0) of a chunk."""
     valid = target != ignore_index
     safe_target = torch.where(valid, target, torch.zeros_like(target))
     logits = logits.float()
     lse = torch.logsumexp(logits, dim=-1)
     picked = logits.gather(1, safe_target.unsqueeze(1)).squeeze(1)
     loss_sum = torch.where(valid, lse - picked, torch.zeros_like(lse)).sum()
+    return loss_sum, logits, lse, valid, safe_target
+
+
+def _chunk_loss_and_grad(logits: torch.Tensor, target: torch.Tensor, ignore_index: int):
+    """(summed loss, d(loss)/d(logits) in ``logits.dtype``) of one chunk, for the valid rows; ignored rows get 0.
+
+    Compiled on CUDA into a reduction and one elementwise pass: the fp32 logits, exp and one-hot never exist as
+    whole buffers (eagerly they were ~8 passes over a 0.8 GB fp32 chunk, and 0.8 GB of transient memory)."""
+    out_dtype = logits.dtype
+    loss_sum, logits, lse, valid, safe_target = _chunk_loss(logits, target, ignore_index)
     columns = torch.arange(logits.shape[1], device=logits.device)
     probs = torch.exp(logits - lse.unsqueeze(1))
     grad = torch.where(columns.unsqueeze(0) == safe_target.unsqueeze(1), probs - 1, probs)
@@ -53,30 +59,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start:start + chunk_size]
             target = labels[start:start + chunk_size]
-            if hidden.is_cuda and (grad_hidden is not None or grad_weight is not None):
-                loss_sum, grad_logits = _compiled_chunk_loss_and_grad()(h @ weight.t(), target, ignore_index)
-                total = total + loss_sum
-                if grad_hidden is not None:
-                    grad_hidden[start:start + chunk_size] = grad_logits @ weight
-                if grad_weight is not None:
-                    grad_weight.add_(grad_logits.t().float() @ h.float())
+            logits = h @ weight.t()
+            if grad_hidden is None and grad_weight is None:
+                total = total + _chunk_loss(logits, target, ignore_index)[0]
                 continue
-            logits = (h @ weight.t()).float()
-            valid = target != ignore_index
-            safe_target = torch.where(valid, target, torch.zeros_like(target))
-            lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, safe_target.unsqueeze(1)).squeeze(1)
-            total = total + torch.where(valid, lse - picked, torch.zeros_like(lse)).sum()
-            if grad_hidden is not None or grad_weight is not None:
-                # d(loss)/d(logits) = softmax - onehot on valid rows, 0 on ignored ones (in place: one fp32 buffer).
-                probs = logits.sub_(lse.unsqueeze(1)).exp_()
-                probs.scatter_add_(1, safe_target.unsqueeze(1), -torch.ones_like(picked).unsqueeze(1))
-                probs.mul_(valid.unsqueeze(1))
-                grad_logits = probs.to(hidden.dtype)
-                if grad_hidden is not None:
-                    grad_hidden[start:start + chunk_size] = grad_logits @ weight
-                if grad_weight is not None:
-                    grad_weight.add_(grad_logits.t().float() @ h.float())
+            # d(loss)/d(logits) = softmax - onehot on valid rows, 0 on ignored ones; compiled on CUDA (one pass)
+            chunk_fn = _compiled_chunk_loss_and_grad() if hidden.is_cuda else _chunk_loss_and_grad
+            loss_sum, grad_logits = chunk_fn(logits, target, ignore_index)
+            total = total + loss_sum
+            if grad_hidden is not None:
+                grad_hidden[start:start + chunk_size] = grad_logits @ weight
+            if grad_weight is not None:
+                grad_weight.add_(grad_logits.t().float() @ h.float())
         loss = total / denominator
         ctx.save_for_backward(grad_hidden, grad_weight, denominator)
         ctx.weight_dtype = weight.dtype
