@@ -186,6 +186,10 @@ class RichProgressCallback(TrainerCallback):
         elapsed = time.perf_counter() - since
         return (self.trainer.tokens_seen - tokens) / elapsed if elapsed > 0 else 0.0
 
+    def shown_rate(self) -> float:
+        """The bar's figure: the last completed window's rate, or the current window's before the first log."""
+        return self.last_rate or self.tokens_per_second()
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.last_loss = float(logs["loss"])
@@ -200,11 +204,10 @@ class RichProgressCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.progress is not None:
-            self.progress.update(self.task, completed=state.global_step, loss=self.last_loss,
-                                 tps=self.last_rate or self.tokens_per_second())
+            self.progress.update(self.task, completed=state.global_step, loss=self.last_loss, tps=self.shown_rate())
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.progress is not None:
-            self.progress.update(self.task, completed=state.global_step, tps=self.last_rate or self.tokens_per_second())
+            self.progress.update(self.task, completed=state.global_step, tps=self.shown_rate())
             self.progress.stop()
             self.progress = None

@@ -5,9 +5,8 @@ Each step is one function the recipes call in order, so the recipe shows the str
 
 from __future__ import annotations
 
-import os
-
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
