@@ -18,6 +18,7 @@ Frozen weights can stay MXFP4: an experts module holding ``{gate_up,down}_proj_{
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -154,8 +155,8 @@ def _row_pieces(blocks: torch.Tensor, dtype: torch.dtype) -> list[tuple[int, int
     experts, rows, groups = blocks.shape[0], blocks.shape[1], blocks.shape[2]
     row_bytes = experts * groups * 32 * torch.empty((), dtype=dtype).element_size()
     per_piece = max(8, DECODE_PIECE_BYTES // row_bytes // 8 * 8)  # multiples of 8 rows keep 16-byte alignment
-    pieces = -(-rows // per_piece)
-    size = rows if pieces == 1 else -(-(-(-rows // pieces)) // 8) * 8  # ceil(ceil(rows / pieces) / 8) * 8
+    pieces = math.ceil(rows / per_piece)
+    size = rows if pieces == 1 else math.ceil(math.ceil(rows / pieces) / 8) * 8  # equal pieces, 8-row multiples
     return [(start, min(start + size, rows)) for start in range(0, rows, size)]
 
 
