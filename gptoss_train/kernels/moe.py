@@ -149,12 +149,16 @@ class _GroupedMM(torch.autograd.Function):
 # alive in the backward of every layer, next to that layer's recomputed activations, where the step's memory peaks:
 # decoding (and multiplying) a range of output rows at a time bounds it. Smaller pieces cost more, narrower GEMMs.
 DECODE_PIECE_BYTES = 256 * 2**20
+# The same bound for products run with autograd off (the forward of a recomputed layer, kernels/layer.py): nothing is
+# saved there, so the step's peak is elsewhere and a whole 20b stack fits; fewer, wider GEMMs and no concatenation.
+NO_GRAD_DECODE_PIECE_BYTES = 1024 * 2**20
 
 
-def _row_pieces(blocks: torch.Tensor, dtype: torch.dtype) -> list[tuple[int, int]]:
+def _row_pieces(blocks: torch.Tensor, dtype: torch.dtype, budget: int | None = None) -> list[tuple[int, int]]:
     experts, rows, groups = blocks.shape[0], blocks.shape[1], blocks.shape[2]
     row_bytes = experts * groups * 32 * torch.empty((), dtype=dtype).element_size()
-    per_piece = max(8, DECODE_PIECE_BYTES // row_bytes // 8 * 8)  # multiples of 8 rows keep 16-byte alignment
+    budget = DECODE_PIECE_BYTES if budget is None else budget
+    per_piece = max(8, budget // row_bytes // 8 * 8)  # multiples of 8 rows keep 16-byte alignment
     pieces = math.ceil(rows / per_piece)
     size = rows if pieces == 1 else math.ceil(math.ceil(rows / pieces) / 8) * 8  # equal pieces, 8-row multiples
     return [(start, min(start + size, rows)) for start in range(0, rows, size)]
@@ -167,10 +171,10 @@ class _GroupedMMFromMXFP4(torch.autograd.Function):
     output columns, backward sums their contributions to dX. No bf16 copy outlives the product that reads it."""
 
     @staticmethod
-    def forward(ctx, x, blocks, scales, offs):
+    def forward(ctx, x, blocks, scales, offs, budget: int):
         ctx.save_for_backward(blocks, scales, offs)
         outputs = []
-        for rows in _row_pieces(blocks, x.dtype):
+        for rows in _row_pieces(blocks, x.dtype, budget):
             weight = decode_mxfp4_experts(blocks, scales, x.dtype, rows)  # [E, rows, in], transient
             outputs.append(_grouped_mm(x, weight.transpose(-1, -2), offs, native=True))
             del weight
@@ -179,15 +183,21 @@ class _GroupedMMFromMXFP4(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         blocks, scales, offs = ctx.saved_tensors
-        grad = grad.contiguous()
-        grad_x = None
-        for start, stop in _row_pieces(blocks, grad.dtype):
-            weight = decode_mxfp4_experts(blocks, scales, grad.dtype, (start, stop))
-            piece = grad if (start, stop) == (0, grad.shape[1]) else grad[:, start:stop].contiguous()
-            part = _grouped_mm(piece, weight, offs, native=True)
-            del weight
-            grad_x = part if grad_x is None else grad_x.add_(part)
-        return grad_x, None, None, None
+        return _mxfp4_grad_input(grad, blocks, scales, offs), None, None, None, None
+
+
+def _mxfp4_grad_input(grad: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """grad @ decode(W) per group ([P, out] -> [P, in]) for a frozen MXFP4 stack [E, out, in], decoded in row pieces
+    whose contributions are summed."""
+    grad = grad.contiguous()
+    grad_x = None
+    for start, stop in _row_pieces(blocks, grad.dtype):
+        weight = decode_mxfp4_experts(blocks, scales, grad.dtype, (start, stop))
+        piece = grad if (start, stop) == (0, grad.shape[1]) else grad[:, start:stop].contiguous()
+        part = _grouped_mm(piece, weight, offs, native=True)
+        del weight
+        grad_x = part if grad_x is None else grad_x.add_(part)
+    return grad_x
 
 
 class _GatherRows(torch.autograd.Function):
@@ -214,7 +224,9 @@ class _GatherRows(torch.autograd.Function):
 def _frozen_or_trainable_matmul(x, base, name: str, offs):
     """x @ W_e for the base weight ``name`` (gate_up_proj / down_proj) of a GptOssExperts, whatever its storage."""
     if has_mxfp4_experts(base):
-        return _GroupedMMFromMXFP4.apply(x, getattr(base, f"{name}_blocks"), getattr(base, f"{name}_scales"), offs)
+        budget = DECODE_PIECE_BYTES if torch.is_grad_enabled() else NO_GRAD_DECODE_PIECE_BYTES
+        return _GroupedMMFromMXFP4.apply(x, getattr(base, f"{name}_blocks"), getattr(base, f"{name}_scales"), offs,
+                                         budget)
     weight = getattr(base, name)  # [E, in, out] (transformers' is_transposed layout)
     return _GroupedMM.apply(x, weight.to(x.dtype), offs)
 
@@ -245,13 +257,74 @@ def _unwrap_experts(module) -> tuple[torch.nn.Module, dict[str, list[tuple]]]:
     return module, adapters
 
 
+def _lora_operands(lora_a: torch.Tensor, lora_b: torch.Tensor, dtype: torch.dtype):
+    """A [E, in, r] and B [E, r, out] as grouped-GEMM operands: ``dtype``, contiguous, and the rank zero-padded to a
+    multiple of 16 bytes (grouped_mm needs 16-byte-aligned strides: r=4 in bf16 would be refused). The zero rank
+    columns/rows add nothing to the product, and autograd slices their gradients off; the copies are r-wide."""
+    lora_a, lora_b = lora_a.to(dtype), lora_b.to(dtype)
+    align = max(1, 16 // lora_a.element_size())
+    pad = -lora_a.shape[-1] % align
+    if pad:
+        lora_a = torch.nn.functional.pad(lora_a, (0, pad))
+        lora_b = torch.nn.functional.pad(lora_b, (0, 0, 0, pad))
+    return lora_a.contiguous(), lora_b.contiguous()
+
+
 def _projection(x, base, name, adapters, offs):
     out = _frozen_or_trainable_matmul(x, base, name, offs)
     for lora_a, lora_b, scaling in adapters.get(name, ()):
-        # contiguous(): grouped_mm wants 16-byte-aligned strides; the copies are r-wide, negligible.
-        low = _GroupedMM.apply(x, lora_a.to(x.dtype).contiguous(), offs)
-        out = out + scaling * _GroupedMM.apply(low, lora_b.to(x.dtype).contiguous(), offs)
+        lora_a, lora_b = _lora_operands(lora_a, lora_b, x.dtype)
+        low = _GroupedMM.apply(x, lora_a, offs)
+        out = out + scaling * _GroupedMM.apply(low, lora_b, offs)
     return out
+
+
+class _RoutedDownForGradient(torch.autograd.Function):
+    """The routed down projection of a layer's recompute pass: gradients only, no output.
+
+    out[t] = sum_k w_tk * (act_p @ W_e + b_e + s * (act_p A_e) B_e)      (p = routed pair (t, k), e = its expert)
+
+    A layer's recompute (kernels/layer.py, ``decoder_layer_recompute_body``) runs forward only so that backward has
+    the activations; the layer's output is never read there. Of the down projection, backward needs ``act`` and the
+    routing weights, not the product itself: with g the output gradient of pair p and G = g @ W_eᵀ (+ LoRA), which
+    backward computes anyway,
+
+        d act_p = w_p * G_p,     d w_p = <G_p, act_p> + <g_p, b_e>,
+
+    so this Function's forward returns an uninitialised [T, H] tensor: the grouped GEMM, its MXFP4 decode, the bias,
+    routing weight and un-permute of the recompute pass are skipped (a sixth of the expert GEMMs and decodes of a
+    step). Frozen base weight only (LoRA on it is fine); the caller keeps the full path for a trainable one."""
+
+    @staticmethod
+    def forward(ctx, act, weights, lora_a, lora_b, frozen, scales, bias, pair_tokens, sorted_experts, offs,
+                scaling: float, num_tokens: int):
+        ctx.save_for_backward(act, weights, lora_a, lora_b, frozen, scales, bias, pair_tokens, sorted_experts, offs)
+        ctx.scaling, ctx.mxfp4 = scaling, scales is not None
+        return act.new_empty(num_tokens, bias.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        act, weights, lora_a, lora_b, frozen, scales, bias, pair_tokens, sorted_experts, offs = ctx.saved_tensors
+        grad = grad_out[pair_tokens]  # [P, H], expert-sorted like act
+        if ctx.mxfp4:
+            grad_act_unweighted = _mxfp4_grad_input(grad, frozen, scales, offs)
+        else:  # frozen dense [E, in, out]
+            grad_act_unweighted = _grouped_mm(grad, frozen.transpose(-1, -2), offs)
+        grad_lora_a = grad_lora_b = None
+        if lora_a is not None:
+            grad_low = _grouped_mm(grad, lora_b.transpose(-1, -2), offs)  # [P, r]
+            grad_act_unweighted = grad_act_unweighted + ctx.scaling * _grouped_mm(grad_low, lora_a.transpose(-1, -2),
+                                                                                  offs)
+        weight_col = weights.unsqueeze(-1).to(act.dtype)
+        grad_weights = ((grad_act_unweighted.float() * act.float()).sum(-1)
+                        + (grad.float() * bias[sorted_experts].float()).sum(-1)).to(weights.dtype)
+        grad_act = grad_act_unweighted * weight_col
+        if lora_a is not None:
+            weighted = grad * weight_col
+            low = _grouped_mm(act, lora_a, offs)  # [P, r]
+            grad_lora_b = ctx.scaling * _grouped_mm(low.t(), weighted, offs)  # [E, r, H]
+            grad_lora_a = ctx.scaling * _grouped_mm(act.t(), grad_low * weight_col, offs)  # [E, I, r]
+        return (grad_act, grad_weights, grad_lora_a, grad_lora_b) + (None,) * 8
 
 
 def _bias_swiglu(gate_up: torch.Tensor, bias: torch.Tensor, sorted_experts: torch.Tensor, alpha: float,
@@ -276,11 +349,22 @@ def _compiled(fn):
     return torch.compile(fn, dynamic=None)
 
 
+def _down_for_gradient_supported(base, adapters) -> bool:
+    """Whether _RoutedDownForGradient can stand in for the down projection: frozen base weight and bias, at most
+    one active adapter on it."""
+    weight = base.down_proj
+    if (weight.requires_grad and not has_mxfp4_experts(base)) or base.down_proj_bias.requires_grad:
+        return False
+    return len(adapters.get("down_proj", ())) <= 1
+
+
 def moe_experts_forward(hidden: torch.Tensor, router_indices: torch.Tensor, routing_weights: torch.Tensor,
-                        experts_module: torch.nn.Module) -> torch.Tensor:
+                        experts_module: torch.nn.Module, *, gradient_only: bool = False) -> torch.Tensor:
     """Routed experts (+ LoRA) for T tokens: hidden [T, H], router_indices / routing_weights [T, K] -> [T, H].
 
-    ``experts_module`` is a GptOssExperts (bf16 or MXFP4-attached) or the PEFT ParamWrapper chain around one."""
+    ``experts_module`` is a GptOssExperts (bf16 or MXFP4-attached) or the PEFT ParamWrapper chain around one.
+    ``gradient_only``: for a recompute pass whose output is never read: the result's values are undefined, its
+    gradients are exact, and the down projection is skipped where it can be (``_RoutedDownForGradient``)."""
     base, adapters = _unwrap_experts(experts_module)
     num_tokens, top_k = router_indices.shape
     num_experts = base.num_experts
@@ -302,6 +386,17 @@ def moe_experts_forward(hidden: torch.Tensor, router_indices: torch.Tensor, rout
     bias_route = _compiled(_bias_route) if fuse else _bias_route
     gate_up = _projection(x, base, "gate_up_proj", adapters, offs)
     act = bias_swiglu(gate_up, base.gate_up_proj_bias, sorted_experts, base.alpha, base.limit)
+    if gradient_only and _down_for_gradient_supported(base, adapters):
+        (lora_a, lora_b, scaling), = adapters.get("down_proj", ((None, None, 0.0),))
+        if lora_a is not None:
+            lora_a, lora_b = _lora_operands(lora_a, lora_b, act.dtype)
+        mxfp4 = has_mxfp4_experts(base)
+        frozen = base.down_proj_blocks if mxfp4 else base.down_proj.to(act.dtype)
+        scales = base.down_proj_scales if mxfp4 else None
+        out = _RoutedDownForGradient.apply(act, routing_weights.reshape(-1)[order], lora_a, lora_b, frozen, scales,
+                                           base.down_proj_bias, order // top_k, sorted_experts, offs, float(scaling),
+                                           num_tokens)
+        return out.to(hidden.dtype)
     down = _projection(act, base, "down_proj", adapters, offs)
     down = bias_route(down, base.down_proj_bias, sorted_experts, routing_weights.reshape(-1)[order])
     # Back to (token, k) order without atomics: gather by the inverse permutation, then sum the K contributions.
@@ -309,8 +404,9 @@ def moe_experts_forward(hidden: torch.Tensor, router_indices: torch.Tensor, rout
     return unsorted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden.dtype)
 
 
-def _fast_mlp_forward(mlp, hidden_states):
-    """Replacement for GptOssMLP.forward with the same inputs and outputs."""
+def _fast_mlp_forward(mlp, hidden_states, gradient_only: bool = False):
+    """Replacement for GptOssMLP.forward with the same inputs and outputs (``gradient_only``: see
+    ``moe_experts_forward``)."""
     batch_size, seq_len, hidden_dim = hidden_states.shape
     flat = hidden_states.reshape(-1, hidden_dim)
     routed = mlp.router(flat)
@@ -319,7 +415,7 @@ def _fast_mlp_forward(mlp, hidden_states):
     top_k_weights = router_scores
     if router_scores.shape[-1] != router_indices.shape[-1]:
         top_k_weights = router_scores.gather(-1, router_indices)
-    out = moe_experts_forward(flat, router_indices, top_k_weights, mlp.experts)
+    out = moe_experts_forward(flat, router_indices, top_k_weights, mlp.experts, gradient_only=gradient_only)
     return out.reshape(batch_size, seq_len, hidden_dim), router_scores
 
 

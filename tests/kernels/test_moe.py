@@ -126,6 +126,89 @@ def test_mxfp4_decode_in_row_pieces_matches_dense_decode(monkeypatch):
     _compare_lora_training(reference, fast, _ids(9))
 
 
+def _expert_grads(experts, hidden, indices, scores, grad_out, gradient_only):
+    hidden = hidden.clone().requires_grad_()
+    scores = scores.detach().clone().requires_grad_()
+    out = moe_experts_forward(hidden, indices, scores, experts, gradient_only=gradient_only)
+    trainable = [p for p in experts.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(out, [hidden, scores, *trainable], grad_out)
+    return out, grads
+
+
+@pytest.mark.parametrize("storage", ["dense", "mxfp4"])
+@pytest.mark.parametrize("adapted", ["all", "gate_up only", "none"])
+def test_gradient_only_experts_give_the_same_gradients(storage, adapted, monkeypatch):
+    """The recompute pass's experts (gradient_only=True: the down projection's output is never computed) give the
+    input, routing-weight and LoRA gradients of the full path, for dense and MXFP4 experts, with and without LoRA
+    on the down projection; and no down-projection product or decode runs in their forward."""
+    from peft import LoraConfig, get_peft_model
+
+    from gptoss_train.kernels import moe
+
+    model = build_tiny_model()
+    if storage == "mxfp4":
+        _, model = _mxfp4_pair(model)
+    if adapted != "none":
+        targets = ["mlp.experts.gate_up_proj"] + (["mlp.experts.down_proj"] if adapted == "all" else [])
+        torch.manual_seed(3)
+        model = get_peft_model(model, LoraConfig(r=3, lora_alpha=6, target_modules=["q_proj"], target_parameters=targets,
+                                                 init_lora_weights=False))
+        layers = model.get_base_model().model.layers
+    else:  # frozen experts, as under LoRA elsewhere (a trainable base weight keeps the full path)
+        model.requires_grad_(False)
+        layers = model.model.layers
+    mlp = layers[1].mlp
+    generator = torch.Generator().manual_seed(11)
+    hidden = torch.randn(9, 64, generator=generator)
+    _, scores, indices = mlp.router(hidden)
+    grad_out = torch.randn(9, 64, generator=generator)
+    full_out, full = _expert_grads(mlp.experts, hidden, indices, scores, grad_out, gradient_only=False)
+    projections = []
+    original = moe._projection
+    monkeypatch.setattr(moe, "_projection", lambda x, base, name, *a: projections.append(name) or original(x, base, name, *a))
+    _, only = _expert_grads(mlp.experts, hidden, indices, scores, grad_out, gradient_only=True)
+    assert projections == ["gate_up_proj"]
+    assert len(full) == len(only) >= 2 + (4 if adapted == "all" else 2 if adapted == "gate_up only" else 0)
+    for got, expected in zip(only, full):
+        assert expected.abs().sum() > 0
+        assert rel_err(got, expected) < 1e-5
+
+
+def test_gradient_only_keeps_the_full_path_for_a_trainable_down_projection(monkeypatch):
+    """Full fine-tuning trains the experts' weights: their gradient needs the real path, so nothing is skipped."""
+    from gptoss_train.kernels import moe
+
+    mlp = build_tiny_model().model.layers[0].mlp
+    hidden = torch.randn(7, 64, generator=torch.Generator().manual_seed(12))
+    _, scores, indices = mlp.router(hidden)
+    grad_out = torch.randn(7, 64, generator=torch.Generator().manual_seed(13))
+    _, full = _expert_grads(mlp.experts, hidden, indices, scores, grad_out, gradient_only=False)
+    projections = []
+    original = moe._projection
+    monkeypatch.setattr(moe, "_projection", lambda x, base, name, *a: projections.append(name) or original(x, base, name, *a))
+    _, only = _expert_grads(mlp.experts, hidden, indices, scores, grad_out, gradient_only=True)
+    assert projections == ["gate_up_proj", "down_proj"]
+    for got, expected in zip(only, full):
+        assert rel_err(got, expected) < 1e-6
+
+
+def test_lora_rank_is_padded_to_the_grouped_gemm_alignment():
+    """grouped_mm refuses strides that are not 16-byte multiples (rank 3 in fp32, rank 4 in bf16): the rank is
+    zero-padded, the product is unchanged and the gradients of the real rank come back."""
+    from gptoss_train.kernels.moe import _lora_operands
+
+    generator = torch.Generator().manual_seed(14)
+    lora_a = torch.randn(2, 16, 3, generator=generator, requires_grad=True)
+    lora_b = torch.randn(2, 3, 8, generator=generator, requires_grad=True)
+    a, b = _lora_operands(lora_a, lora_b, torch.float32)
+    assert a.shape == (2, 16, 4) and b.shape == (2, 4, 8) and a.stride(1) * a.element_size() % 16 == 0
+    assert torch.equal(a @ b, lora_a @ lora_b)
+    (a @ b).sum().backward()
+    assert lora_a.grad.shape == lora_a.shape and lora_b.grad.shape == lora_b.shape
+    a16, _ = _lora_operands(lora_a.detach()[..., :2], lora_b.detach()[:, :2], torch.bfloat16)
+    assert a16.shape[-1] == 8
+
+
 _TRITON_DECODE_CHECK = """
 import torch
 from gptoss_train.kernels import mxfp4_decode
