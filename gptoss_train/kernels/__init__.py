@@ -7,7 +7,10 @@ Training pieces (each usable alone; ``enable_fast_training`` switches them all o
   * ``layer``      each decoder layer's body as one compiled region (fuses PEFT's attention LoRA, rotary, casts,
                    residuals around the pieces above; cuts kernel launches).
   * recomputation  which activations to recompute in backward (``recompute=``), chosen by measurement
-                   (scripts/bench_train.py; docs/fast-training.md).
+                   (scripts/bench_train.py; docs/fast-training.md); "layer" over compiled layers is our own
+                   (layer.RecomputedLayer: the recompute pass skips the down projection).
+  * opt-in         ``embedding``: the frozen input table in host memory; ``lora``: PEFT's linear LoRA products in
+                   bf16 instead of fp32.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from gptoss_train.kernels.attention import install_sink_attention, register_sink
 from gptoss_train.kernels.loss import causal_lm_chunked_loss, chunked_linear_cross_entropy, install_chunked_loss
 from gptoss_train.kernels.embedding import offload_frozen_embeddings, restore_embeddings
 from gptoss_train.kernels.layer import compile_failure, install_compiled_layers
+from gptoss_train.kernels.lora import install_lora_matmul_dtype
 from gptoss_train.kernels.moe import attach_mxfp4_experts, install_fast_experts, moe_experts_forward
 from gptoss_train.kernels.norm import install_compiled_norms
 
@@ -28,10 +32,11 @@ __all__ = [
     "install_fast_experts", "moe_experts_forward", "attach_mxfp4_experts", "install_chunked_loss",
     "chunked_linear_cross_entropy", "causal_lm_chunked_loss", "install_recompute", "RECOMPUTE_CHOICES",
     "install_compiled_norms", "install_compiled_layers", "compile_failure", "offload_frozen_embeddings",
-    "restore_embeddings",
+    "restore_embeddings", "install_lora_matmul_dtype",
 ]
 
-# "layer": transformers' gradient checkpointing (recompute whole decoder layers; least memory).
+# "layer": recompute whole decoder layers (least memory): with compiled layers our own recompute, which skips what
+#          backward does not need (kernels/layer.py, RecomputedLayer); otherwise transformers' gradient checkpointing.
 # "experts": recompute only the MoE block (its activations are ~10x attention's per token); keep attention's.
 # "attention": recompute only attention. "none": keep everything (most memory, no recompute).
 RECOMPUTE_CHOICES = ("layer", "experts", "attention", "none")
@@ -43,23 +48,35 @@ def _checkpointed_forward(original, *args, **kwargs):
     return original(*args, **kwargs)
 
 
-def install_recompute(model, recompute: str) -> None:
-    """Set what backward recomputes; see RECOMPUTE_CHOICES."""
+def _disable_checkpointing(base) -> None:
+    renamed = hasattr(type(base), "is_activation_checkpointing")
+    if base.is_activation_checkpointing if renamed else base.is_gradient_checkpointing:
+        (getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable)()
+
+
+def install_recompute(model, recompute: str, *, own: bool = True) -> None:
+    """Set what backward recomputes; see RECOMPUTE_CHOICES. ``own=False`` makes "layer" use transformers'
+    checkpointing even over compiled layers (the A/B of scripts/bench_train.py)."""
     if recompute not in RECOMPUTE_CHOICES:
         raise ValueError(f"recompute={recompute!r}: choose one of {', '.join(RECOMPUTE_CHOICES)}")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     # A KV cache would grow again during recomputation (transformers' own checkpointing turns it off too).
     base.config.use_cache = False
-    if recompute == "layer":
+    layers = [m for m in base.modules() if type(m).__name__ == "GptOssDecoderLayer"]
+    compiled = bool(layers) and all("_forward_before_compile" in layer.__dict__ for layer in layers)
+    use_own = recompute == "layer" and own and compiled
+    for layer in layers:
+        layer._own_recompute = use_own
+    if use_own:
+        _disable_checkpointing(base)
+    if recompute == "layer" and not use_own:
         # transformers >= 5.2x renamed it activation_checkpointing_enable; 5.17 (GPU image) has the old name only
         enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
         enable({"use_reentrant": False})
         if hasattr(base, "enable_input_require_grads"):
             base.enable_input_require_grads()
         return
-    renamed = hasattr(type(base), "is_activation_checkpointing")
-    if base.is_activation_checkpointing if renamed else base.is_gradient_checkpointing:
-        (getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable)()
+    _disable_checkpointing(base)
     target = {"experts": "GptOssMLP", "attention": "GptOssAttention"}.get(recompute)
     for module in base.modules():
         # undo an earlier choice first, so calling this again switches instead of stacking checkpoints
@@ -74,7 +91,7 @@ def install_recompute(model, recompute: str) -> None:
 def enable_fast_training(model, *, attention: bool = True, experts: bool = True, loss: bool = True, norms: bool = True,
                          recompute: str | None = None, loss_chunk_size: int = 1024, compile_layers: bool | None = None,
                          compile_backend: str = "inductor", offload_embeddings: bool = False,
-                         force: bool = False) -> str | None:
+                         lora_matmul_dtype: torch.dtype | None = None, force: bool = False) -> str | None:
     """Switch a loaded GptOssForCausalLM (possibly PEFT-wrapped) to the fast training path.
 
     Returns a one-line description of what was switched, or None when the model is not on CUDA (the reference
@@ -84,6 +101,8 @@ def enable_fast_training(model, *, attention: bool = True, experts: bool = True,
     compiled region (kernels/layer.py); recompute "attention"/"experts" keep those layers eager.
     ``offload_embeddings`` (opt-in) keeps a frozen input embedding table in pinned host memory (kernels/embedding.py;
     read its docstring before combining it with generation in the same process).
+    ``lora_matmul_dtype`` (opt-in, e.g. torch.bfloat16) computes PEFT's linear LoRA products in that dtype instead of
+    the adapters' float32 (kernels/lora.py); the float32 adapters stay the trained parameters.
     """
     try:
         device = next(model.parameters()).device
@@ -110,6 +129,9 @@ def enable_fast_training(model, *, attention: bool = True, experts: bool = True,
         # A training forward with use_cache would build a KV cache, and layers given a cache run eagerly (decoding);
         # generate() still asks for its cache explicitly.
         (model.get_base_model() if hasattr(model, "get_base_model") else model).config.use_cache = False
+    if lora_matmul_dtype is not None:
+        switched = install_lora_matmul_dtype(model, lora_matmul_dtype)
+        parts.append(f"linear LoRA in {str(lora_matmul_dtype).removeprefix('torch.')} x{switched}")
     if offload_embeddings:
         freed = offload_frozen_embeddings(model)
         parts.append(f"embeddings=host memory ({freed / 2**30:.2f} GiB freed)" if freed

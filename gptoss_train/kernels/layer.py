@@ -14,8 +14,13 @@ function run as they are), our RMSNorm math (kernels/norm.py), and our routed ex
 Kept outside the graph, deliberately:
   * the FlexAttention BlockMask: built eagerly once per batch and window (a cache keyed on tensor identity cannot
     be traced) and passed in as an input, as FlexAttention's own examples do;
-  * recomputation: transformers' checkpointing wraps the compiled call (recompute="layer" reruns the compiled
-    forward in backward), so the graph's saved activations are a layer's, held only for that layer's backward.
+  * recomputation (recompute="layer"): our own, around two compiled functions (``RecomputedLayer``). Forward runs
+    the layer body with autograd off (an inference graph: nothing saved, nothing written only for backward) and
+    keeps the layer's input. Backward runs ``decoder_layer_recompute_body``, the part of the forward that backward
+    needs (attention, norms, router, gate_up, SwiGLU; not the down projection, whose gradients need only its input,
+    see moe._RoutedDownForGradient), and differentiates it. transformers' checkpointing would rerun the whole
+    compiled forward, down projection and its MXFP4 decode included. Where our recompute does not apply (dropout,
+    FSDP-managed layers) the compiled body runs under torch.utils.checkpoint, as transformers' would.
 
 One compiled function serves every layer: modules are passed as arguments, so dynamo guards on their structure,
 not their identity. Layers differ only in window (sliding / full) and in whether their experts carry LoRA, so a run
@@ -25,6 +30,7 @@ compiles at most four variants. Decoding with a KV cache, and the per-module rec
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 
@@ -49,6 +55,71 @@ def decoder_layer_body(layer, hidden_states, position_embeddings, attention_mask
     return residual + hidden
 
 
+def decoder_layer_recompute_body(layer, hidden_states, position_embeddings, attention_mask, position_ids, block_mask):
+    """What a layer's backward needs of its forward, for our recompute: (hidden after attention, experts stub).
+
+    The layer's output is ``h + experts(norm2(h))``; backward feeds the output gradient to both. The experts stub
+    has the experts' gradients but no values (``moe_experts_forward(gradient_only=True)``)."""
+    norm = layer.input_layernorm
+    hidden = rms_norm(hidden_states, norm.weight, norm.variance_epsilon)
+    hidden, _ = layer.self_attn(hidden_states=hidden, position_embeddings=position_embeddings,
+                                attention_mask=attention_mask, position_ids=position_ids, block_mask=block_mask)
+    hidden = hidden_states + hidden
+    norm = layer.post_attention_layernorm
+    experts, _ = _fast_mlp_forward(layer.mlp, rms_norm(hidden, norm.weight, norm.variance_epsilon),
+                                   gradient_only=True)
+    return hidden, experts
+
+
+def _autocast_state() -> list[tuple[str, bool, torch.dtype]]:
+    return [(device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+            for device in ("cuda", "cpu")]
+
+
+class RecomputedLayer(torch.autograd.Function):
+    """A decoder layer whose forward saves only its input; backward recomputes what it needs and differentiates.
+
+    ``run_forward(hidden)`` is the layer body (run here with autograd off); ``run_recompute(hidden)`` returns
+    ``(h, experts)`` as ``decoder_layer_recompute_body`` does. The layer's trainable parameters are inputs, so their
+    gradients come back through this Function (autograd's own accumulation, hooks included), not as a side effect.
+    Dropout would need the RNG replayed: layers with active dropout use checkpointing instead (``own_recompute_ok``).
+    """
+
+    @staticmethod
+    def forward(ctx, run_forward, run_recompute, hidden, *params):
+        ctx.run_recompute = run_recompute
+        ctx.autocast = _autocast_state()
+        ctx.save_for_backward(hidden, *params)
+        with torch.no_grad():
+            return run_forward(hidden)
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, *params = ctx.saved_tensors
+        hidden = hidden.detach().requires_grad_(ctx.needs_input_grad[2])
+        with torch.enable_grad(), contextlib.ExitStack() as stack:
+            for device, enabled, dtype in ctx.autocast:
+                stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
+            after_attention, experts = ctx.run_recompute(hidden)
+        wanted = [(index, tensor) for index, tensor in enumerate([hidden, *params]) if ctx.needs_input_grad[2 + index]]
+        grads = torch.autograd.grad((after_attention, experts), [tensor for _, tensor in wanted], (grad, grad),
+                                    allow_unused=True)
+        out = [None] * (1 + len(params))
+        for (index, _), value in zip(wanted, grads):
+            out[index] = value
+        return (None, None, *out)
+
+
+def own_recompute_ok(layer) -> bool:
+    """Whether RecomputedLayer may stand in for checkpointing on this layer: no active dropout (its RNG would have
+    to be replayed) and not managed by FSDP (whose hooks reshard parameters between forward and backward)."""
+    if any(isinstance(module, torch.nn.Dropout) and module.p > 0 for module in layer.modules()):
+        return False
+    if "FSDP" in type(layer).__name__ or hasattr(layer, "_get_fsdp_state"):
+        return False
+    return not any(type(p).__name__ == "DTensor" for p in layer.parameters())
+
+
 @functools.cache
 def _compiled_body(backend: str):
     import torch._dynamo.config as dynamo_config
@@ -61,6 +132,20 @@ def _compiled_body(backend: str):
     return torch.compile(decoder_layer_body, backend=backend, dynamic=False)
 
 
+@functools.cache
+def _compiled_recompute_body(backend: str):
+    _compiled_body(backend)  # same dynamo settings
+    return torch.compile(decoder_layer_recompute_body, backend=backend, dynamic=False)
+
+
+def _run(kind: str, backend: str | None, layer, *args):
+    """One of the bodies, compiled with ``backend`` (None: eagerly). A compiler failure raises TorchDynamoException
+    before anything has run (see _compiled_layer_forward)."""
+    if backend is None:
+        return (decoder_layer_body if kind == "forward" else decoder_layer_recompute_body)(layer, *args)
+    return (_compiled_body if kind == "forward" else _compiled_recompute_body)(backend)(layer, *args)
+
+
 # dtype -> why its compilation failed; such layers run eagerly from then on (a failure in one dtype, say a float32
 # check, leaves the others compiled).
 _compile_failed: dict[torch.dtype, str] = {}
@@ -71,43 +156,80 @@ def _uses_per_module_recompute(layer) -> bool:
     return any("_forward_before_recompute" in module.__dict__ for module in (layer.self_attn, layer.mlp))
 
 
+def _record_compile_failure(dtype: torch.dtype, err: Exception, what: str) -> None:
+    import traceback
+
+    reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+    _compile_failed[dtype] = reason
+    warnings.warn(f"compiled decoder layer failed in {dtype} ({reason}); {what}\n{traceback.format_exc()[-3000:]}")
+
+
+def _recompute(backend: str | None, layer, args, hidden):
+    from torch._dynamo.exc import TorchDynamoException
+
+    if backend is not None and not (hidden.dtype in _compile_failed
+                                    and "recompute" not in layer.__dict__.get("_compiled_ran", {}).get(hidden.dtype, ())):
+        try:
+            out = _run("recompute", backend, layer, hidden, *args)
+            layer.__dict__.setdefault("_compiled_ran", {}).setdefault(hidden.dtype, set()).add("recompute")
+            return out
+        except TorchDynamoException as err:
+            # Recomputing eagerly gives values that may differ from the compiled forward's in the last bits (another
+            # fusion), which only moves the point where the gradient is taken by that much.
+            _record_compile_failure(hidden.dtype, err, "recomputing the layers eagerly")
+    return _run("recompute", None, layer, hidden, *args)
+
+
+def _layer_call(layer, backend: str | None, mode: str, hidden_states, args):
+    """The layer body with ``mode`` "own" (RecomputedLayer), "checkpoint" (torch.utils.checkpoint around the body)
+    or "none"; ``backend`` None runs the bodies eagerly."""
+    if mode == "own":
+        params = [p for p in layer.parameters() if p.requires_grad]
+        return RecomputedLayer.apply(functools.partial(_forward_body, backend, layer, args),
+                                     functools.partial(_recompute, backend, layer, args), hidden_states, *params)
+    if mode == "checkpoint":
+        return torch.utils.checkpoint.checkpoint(_run, "forward", backend, layer, hidden_states, *args,
+                                                 use_reentrant=False)
+    return _run("forward", backend, layer, hidden_states, *args)
+
+
+def _forward_body(backend, layer, args, hidden):
+    return _run("forward", backend, layer, hidden, *args)
+
+
 def _compiled_layer_forward(layer, eager_forward, backend, hidden_states, attention_mask=None, position_ids=None,
                             past_key_values=None, use_cache=False, position_embeddings=None, **kwargs):
     """Replacement for GptOssDecoderLayer.forward (same arguments, same result) that runs the compiled body."""
-    dtype = hidden_states.dtype
-    # A layer that ran compiled in this dtype keeps doing so even after another layer's compilation failed: its
-    # recompute must save exactly what its forward saved (checkpointing compares them).
-    fell_back = dtype in _compile_failed and dtype not in layer.__dict__.get("_compiled_ran", ())
-    if past_key_values is not None or fell_back or _uses_per_module_recompute(layer):
+    if past_key_values is not None or _uses_per_module_recompute(layer):
         return eager_forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=past_key_values, use_cache=use_cache,
                              position_embeddings=position_embeddings, **kwargs)
+    dtype = hidden_states.dtype
+    mode = "none"
+    if layer.__dict__.get("_own_recompute") and torch.is_grad_enabled() and layer.training:
+        mode = "own" if own_recompute_ok(layer) else "checkpoint"
     graph_mask, graph_positions, block_mask = attention_mask, position_ids, None
     if hidden_states.is_cuda:  # FlexAttention's mask, built eagerly; the graph then needs neither mask input
         batch_size, seq_len = hidden_states.shape[:2]
         block_mask = layer_block_mask(attention_mask, position_ids, layer.self_attn.sliding_window, batch_size,
                                       seq_len, hidden_states.device)
         graph_mask = graph_positions = None
+    args = (position_embeddings, graph_mask, graph_positions, block_mask)
+    # A layer that ran compiled in this dtype keeps doing so even after another layer's compilation failed: a
+    # checkpoint's recompute must save exactly what its forward saved (checkpointing compares them).
+    if dtype in _compile_failed and "forward" not in layer.__dict__.get("_compiled_ran", {}).get(dtype, ()):
+        return _layer_call(layer, None, mode, hidden_states, args)
     from torch._dynamo.exc import TorchDynamoException
 
     try:
-        out = _compiled_body(backend)(layer, hidden_states, position_embeddings, graph_mask, graph_positions,
-                                      block_mask)
+        out = _layer_call(layer, backend, mode, hidden_states, args)
     except TorchDynamoException as err:  # a compiler failure must not stop training: run the layer eagerly
         # Only tracing/compilation errors land here: they are raised before the graph runs, so nothing of this call
         # has executed. Errors while the compiled code runs (and checkpointing's own control-flow exceptions)
         # propagate unchanged.
-        import traceback
-
-        reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
-        _compile_failed[hidden_states.dtype] = reason
-        warnings.warn(f"compiled decoder layer failed in {hidden_states.dtype} ({reason}); running the layers "
-                      f"eagerly\n"
-                      f"{traceback.format_exc()[-3000:]}")
-        return eager_forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=past_key_values, use_cache=use_cache,
-                             position_embeddings=position_embeddings, **kwargs)
-    layer.__dict__.setdefault("_compiled_ran", set()).add(dtype)
+        _record_compile_failure(dtype, err, "running the layers eagerly")
+        return _layer_call(layer, None, mode, hidden_states, args)
+    layer.__dict__.setdefault("_compiled_ran", {}).setdefault(dtype, set()).add("forward")
     return out
 
 

@@ -36,8 +36,9 @@ def _train_both(recompute: str, backend: str, steps: int = 2):
         fast_loss.backward()
     assert compile_failure() is None
     assert not counters["graph_break"], dict(counters["graph_break"])
-    # one graph per layer kind (sliding window / full), shared by every layer of that kind
-    assert counters["stats"]["unique_graphs"] == 2
+    # one graph per layer kind (sliding window / full), shared by every layer of that kind; with our recompute two
+    # per kind: the forward (autograd off) and the recompute body
+    assert counters["stats"]["unique_graphs"] == (4 if recompute == "layer" else 2)
     assert rel_err(fast_loss, ref_loss) < 1e-5
     ref_grads = lora_grads(reference)
     for name, grad in lora_grads(fast).items():
@@ -47,6 +48,67 @@ def _train_both(recompute: str, backend: str, steps: int = 2):
 @pytest.mark.parametrize("recompute", ["layer", "none"])
 def test_compiled_layers_match_reference(recompute):
     _train_both(recompute, "aot_eager")
+
+
+def _count_projections(monkeypatch):
+    from gptoss_train.kernels import moe
+
+    names = []
+    original = moe._projection
+    monkeypatch.setattr(moe, "_projection", lambda x, base, name, *a: names.append(name) or original(x, base, name, *a))
+    return names
+
+
+def test_own_recompute_skips_the_down_projection_and_matches_reference(monkeypatch):
+    """recompute="layer" over our layer bodies is RecomputedLayer: transformers' checkpointing stays off, backward
+    reruns each layer without its down projection, and loss and every LoRA gradient equal the reference's."""
+    from gptoss_train.kernels import install_recompute
+    from gptoss_train.kernels.layer import install_compiled_layers
+
+    model = build_tiny_model()
+    reference, fast = add_lora(copy.deepcopy(model)), add_lora(copy.deepcopy(model))
+    reference.train()
+    fast.train()
+    enable_fast_training(fast, force=True, compile_layers=False)
+    install_compiled_layers(fast, backend=None)  # our bodies, eagerly (the compiled ones: test above)
+    install_recompute(fast, "layer")
+    base = fast.get_base_model()
+    assert not base.is_gradient_checkpointing
+    assert all(layer._own_recompute for layer in base.model.layers)
+    names = _count_projections(monkeypatch)
+    ids = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(8))
+    fast_loss = fast(input_ids=ids, labels=ids).loss
+    assert names == ["gate_up_proj", "down_proj"] * 2  # forward
+    fast_loss.backward()
+    assert names[4:] == ["gate_up_proj", "gate_up_proj"]  # recompute: no down projection
+    ref_loss = reference(input_ids=ids, labels=ids).loss
+    ref_loss.backward()
+    assert rel_err(fast_loss, ref_loss) < 1e-5
+    ref_grads = lora_grads(reference)
+    for name, grad in lora_grads(fast).items():
+        assert grad.abs().sum() > 0, name
+        assert rel_err(grad, ref_grads[name]) < 1e-4, name
+
+
+def test_layers_with_dropout_are_checkpointed_instead(monkeypatch):
+    """Dropout would have to replay its RNG in our recompute: such layers run under torch.utils.checkpoint."""
+    from peft import LoraConfig, get_peft_model
+
+    from gptoss_train.kernels import install_recompute
+    from gptoss_train.kernels.layer import install_compiled_layers, own_recompute_ok
+
+    fast = get_peft_model(build_tiny_model(), LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.1))
+    fast.train()
+    enable_fast_training(fast, force=True, compile_layers=False)
+    install_compiled_layers(fast, backend=None)
+    install_recompute(fast, "layer")
+    layers = fast.get_base_model().model.layers
+    assert not any(own_recompute_ok(layer) for layer in layers)
+    names = _count_projections(monkeypatch)
+    ids = torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(9))
+    fast(input_ids=ids, labels=ids).loss.backward()
+    assert names == ["gate_up_proj", "down_proj"] * 4  # forward, then the checkpoint's full recompute
+    assert all(p.grad is not None for p in fast.parameters() if p.requires_grad)
 
 
 def test_per_module_recompute_keeps_layers_eager():
