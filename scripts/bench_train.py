@@ -11,7 +11,10 @@ Same random gpt-oss-20b-shaped model and the same batches for both paths (4 x 20
   fast     gptoss_train.kernels.enable_fast_training on the same model, experts now MXFP4-resident (the dense copy
            is freed), recompute=layer, decoder layers compiled (the default on CUDA); a torch.profiler table of it.
   fast_eager   the same with the decoder layers left eager (the pieces alone: A/B for the compiled layers).
-  recompute    the other recompute choices; all_experts: LoRA on every expert.
+  recompute    the other recompute choices (layer_checkpoint: transformers' checkpointing around the compiled
+               layers instead of our recompute); all_experts: LoRA on every expert.
+  pieces       recompute=layer with other MXFP4 decode-piece budgets (--piece-sweep).
+  opt_in       the opt-in options on top of fast, cumulatively: LoRA products in bf16, then host-memory embeddings.
   long     largest sequence (16K/32K/64K, batch 1) that trains, all-expert LoRA.
   120b     120b-shaped model, MXFP4 experts resident, LoRA on attention + all experts: does a step fit on the card?
 Reported per row: tokens/s, useful-FLOP utilisation (4 x active params per token, against a bf16 matmul measured in
@@ -197,9 +200,37 @@ def train_steps(model, batch, *, steps: int, warmup: int, profile_to: Path | Non
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
             step()
             torch.cuda.synchronize()
-        profile_to.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+        averages = prof.key_averages()
+        profile_to.write_text(kernel_summary(averages) + "\n\n"
+                              + averages.table(sort_by="self_cuda_time_total", row_limit=70))
     del optimizer
     return seconds, peak, float(loss), forward_peak
+
+
+KERNEL_KINDS = (  # (kind, substrings of the kernel name), first match wins
+    ("grouped GEMM (torch's cutlass grouped_mm)", ("at4cuda6detail",)),
+    ("MXFP4 decode", ("_decode_kernel",)),
+    ("flex attention", ("flex_attention",)),
+    ("dense GEMM, fp32 (sgemm / f32 xmma)", ("sgemm", "f32f32")),
+    ("dense GEMM, bf16 (cuBLAS)", ("nvjet", "xmma", "gemm", "cutlass")),
+    ("inductor fused (triton_)", ("triton_",)),
+    ("copies / memset", ("memcpy", "Memcpy", "memset", "Memset", "copy_kernel")),
+)
+
+
+def kernel_summary(averages) -> str:
+    """Self GPU time of one profiled step by kind of kernel (the table below it has the kernels themselves)."""
+    totals: dict[str, float] = {}
+    for event in averages:
+        if "cuda" not in str(getattr(event, "device_type", "")).lower():
+            continue
+        micros = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+        kind = next((kind for kind, keys in KERNEL_KINDS if any(k in event.key for k in keys)), "other kernels")
+        totals[kind] = totals.get(kind, 0.0) + micros / 1e3
+    lines = [f"{'GPU time by kind of kernel (one step)':<44} {'ms':>8}"]
+    lines += [f"{kind:<44} {ms:>8.1f}" for kind, ms in sorted(totals.items(), key=lambda kv: -kv[1])]
+    lines.append(f"{'total':<44} {sum(totals.values()):>8.1f}")
+    return "\n".join(lines)
 
 
 class Report:
@@ -263,14 +294,21 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=4, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens there)")
     parser.add_argument("--phases", default="hf,fast,fast_eager,recompute,all_experts,long,120b",
-                        help="comma list of: hf, fast, fast_eager, recompute, all_experts, long, 120b")
-    parser.add_argument("--recompute-choices", default="experts,attention,none",
+                        help="comma list of: hf, fast, fast_eager, recompute, pieces, opt_in, all_experts, long, "
+                             "120b")
+    parser.add_argument("--recompute-choices", default="layer_checkpoint,experts,attention,none",
                         help="what the recompute phase measures besides layer")
     parser.add_argument("--offload-embeddings", action="store_true",
                         help="ours: frozen input embedding table in pinned host memory (kernels/embedding.py)")
     parser.add_argument("--loss-chunk", type=int, default=1024, help="tokens per chunk of the linear + CE")
+    parser.add_argument("--lora-bf16", action="store_true",
+                        help="ours: PEFT's linear LoRA products in bf16 instead of fp32 (kernels/lora.py)")
     parser.add_argument("--decode-piece-mib", type=int, default=None,
                         help="largest transient bf16 piece of a decoded MXFP4 expert stack (default: the kernels')")
+    parser.add_argument("--forward-piece-mib", type=int, default=None,
+                        help="the same for products run with autograd off (a recomputed layer's forward)")
+    parser.add_argument("--piece-sweep", default="512:1024,256:256",
+                        help="pieces phase: comma list of BACKWARD:FORWARD piece budgets in MiB")
     parser.add_argument("--long-seqs", default="16384,32768,65536")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench_out")))
     args = parser.parse_args(argv)
@@ -294,7 +332,7 @@ def main(argv=None) -> int:
     recipe_layers = [i for i in HF_RECIPE_EXPERT_LAYERS if i < config.num_hidden_layers] or [0]
 
     model = stored = None
-    if phases & {"hf", "fast", "recompute", "all_experts", "long"}:
+    if phases & {"hf", "fast", "fast_eager", "recompute", "pieces", "opt_in", "all_experts", "long"}:
         model, stored = build_random_model(args.shape, experts="dense", device=device, dtype=dtype)
         model.gradient_checkpointing_enable({"use_reentrant": False})
         model.enable_input_require_grads()
@@ -308,31 +346,57 @@ def main(argv=None) -> int:
         _try_step(report, f"HF eager + {experts_impl} experts, LoRA L7/15/23", model, batch,
                   steps=args.steps, warmup=args.warmup)
 
+    from gptoss_train.kernels import moe
     if args.decode_piece_mib is not None:
-        from gptoss_train.kernels import moe
         moe.DECODE_PIECE_BYTES = args.decode_piece_mib * 2**20
-    if phases & {"fast", "fast_eager", "recompute", "all_experts", "long"}:
+    if args.forward_piece_mib is not None:
+        moe.NO_GRAD_DECODE_PIECE_BYTES = args.forward_piece_mib * 2**20
+    if phases & {"fast", "fast_eager", "recompute", "pieces", "opt_in", "all_experts", "long"}:
         make_mxfp4_resident(model, stored, device)
         description = enable_fast_training(model, recompute="layer", loss_chunk_size=args.loss_chunk,
-                                           offload_embeddings=args.offload_embeddings, force=device != "cuda")
+                                           offload_embeddings=args.offload_embeddings, force=device != "cuda",
+                                           lora_matmul_dtype=torch.bfloat16 if args.lora_bf16 else None)
         print(description, flush=True)
         if "fast" in phases:
-            embeddings = ", embeddings in host memory" if args.offload_embeddings else ""
-            _try_step(report, f"ours MXFP4, LoRA L7/15/23, recompute=layer{embeddings}", model, batch,
+            options = (", embeddings in host memory" if args.offload_embeddings else "") + (
+                ", LoRA products bf16" if args.lora_bf16 else "")
+            _try_step(report, f"ours MXFP4, LoRA L7/15/23, recompute=layer{options}", model, batch,
                       steps=args.steps, warmup=args.warmup, profile_to=args.out / "profile_fast.txt")
         if "fast_eager" in phases:
             from gptoss_train.kernels.layer import install_compiled_layers, remove_compiled_layers
             compiled = remove_compiled_layers(model)
+            install_recompute(model, "layer")  # eager layers: transformers' checkpointing
             _try_step(report, "ours MXFP4, LoRA L7/15/23, recompute=layer, eager layers", model, batch,
                       steps=args.steps, warmup=1, profile_to=args.out / "profile_fast_eager.txt")
             if compiled:
                 install_compiled_layers(model)
+                install_recompute(model, "layer")
         if "recompute" in phases:
             for choice in args.recompute_choices.split(","):
-                install_recompute(model, choice)
-                _try_step(report, f"ours MXFP4, LoRA L7/15/23, recompute={choice}", model, batch,
-                          steps=args.steps, warmup=1)
+                if choice == "layer_checkpoint":
+                    install_recompute(model, "layer", own=False)
+                    run = "recompute=layer by transformers' checkpointing"
+                else:
+                    install_recompute(model, choice)
+                    run = f"recompute={choice}"
+                _try_step(report, f"ours MXFP4, LoRA L7/15/23, {run}", model, batch, steps=args.steps, warmup=1)
             install_recompute(model, "layer")
+        if "pieces" in phases:
+            defaults = moe.DECODE_PIECE_BYTES, moe.NO_GRAD_DECODE_PIECE_BYTES
+            for budgets in args.piece_sweep.split(","):
+                backward_mib, forward_mib = (int(v) for v in budgets.split(":"))
+                moe.DECODE_PIECE_BYTES, moe.NO_GRAD_DECODE_PIECE_BYTES = backward_mib * 2**20, forward_mib * 2**20
+                _try_step(report, f"ours MXFP4, LoRA L7/15/23, recompute=layer, pieces {backward_mib}/{forward_mib} "
+                          "MiB (bwd/fwd)", model, batch, steps=args.steps, warmup=1)
+            moe.DECODE_PIECE_BYTES, moe.NO_GRAD_DECODE_PIECE_BYTES = defaults
+        if "opt_in" in phases:  # cumulative: bf16 LoRA products, then also the host-memory embeddings
+            from gptoss_train.kernels import install_lora_matmul_dtype, offload_frozen_embeddings
+            install_lora_matmul_dtype(model, torch.bfloat16)
+            _try_step(report, "ours MXFP4, LoRA L7/15/23, recompute=layer, LoRA products bf16", model, batch,
+                      steps=args.steps, warmup=1)
+            offload_frozen_embeddings(model)
+            _try_step(report, "ours MXFP4, LoRA L7/15/23, recompute=layer, LoRA products bf16, embeddings in host "
+                      "memory", model, batch, steps=args.steps, warmup=1, profile_to=args.out / "profile_opt_in.txt")
         if phases & {"all_experts", "long"}:
             model = get_peft_model(model.unload(), lora_config(expert_layers=None))
             if "all_experts" in phases:

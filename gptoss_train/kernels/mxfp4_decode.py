@@ -63,10 +63,14 @@ def _launch_decode(blocks, scales, dtype, first_row: int, num_rows: int, launch)
     matrices = blocks.numel() // (rows * groups * 16)
     out = torch.empty(*blocks.shape[:-3], num_rows, groups * 32, dtype=dtype, device=blocks.device)
     slice_bytes = num_rows * groups * 16
-    block = 2048
-    launch(_decode_kernel)[(triton.cdiv(slice_bytes, block), matrices)](
-        blocks, scales, out, slice_bytes, rows * groups * 16, first_row * groups * 16, BLOCK=block, num_warps=8)
+    launch(_decode_kernel)[(triton.cdiv(slice_bytes, DECODE_BLOCK), matrices)](
+        blocks, scales, out, slice_bytes, rows * groups * 16, first_row * groups * 16, BLOCK=DECODE_BLOCK,
+        num_warps=DECODE_WARPS)
     return out
+
+
+# Bytes of MXFP4 blocks per program and warps per program (scripts/bench_decode_gpu.py measures alternatives).
+DECODE_BLOCK, DECODE_WARPS = 2048, 8
 
 
 _decode_op = None
