@@ -14,7 +14,8 @@ Same random gpt-oss-20b-shaped model and the same batches for both paths (4 x 20
   recompute    the other recompute choices (layer_checkpoint: transformers' checkpointing around the compiled
                layers instead of our recompute); all_experts: LoRA on every expert.
   pieces       recompute=layer with other MXFP4 decode-piece budgets (--piece-sweep).
-  opt_in       the opt-in options on top of fast, cumulatively: LoRA products in bf16, then host-memory embeddings.
+  opt_in       the opt-in options on top of fast, cumulatively: LoRA products in bf16, layer inputs in host memory,
+               then host-memory embeddings.
   long     largest sequence (16K/32K/64K, batch 1) that trains, all-expert LoRA.
   120b     120b-shaped model, MXFP4 experts resident, LoRA on attention + all experts: does a step fit on the card?
 Reported per row: tokens/s, useful-FLOP utilisation (4 x active params per token, against a bf16 matmul measured in
@@ -301,6 +302,8 @@ def main(argv=None) -> int:
     parser.add_argument("--offload-embeddings", action="store_true",
                         help="ours: frozen input embedding table in pinned host memory (kernels/embedding.py)")
     parser.add_argument("--loss-chunk", type=int, default=1024, help="tokens per chunk of the linear + CE")
+    parser.add_argument("--offload-layer-inputs", action="store_true",
+                        help="ours: the layer inputs our recompute saves in pinned host memory (kernels/layer.py)")
     parser.add_argument("--lora-bf16", action="store_true",
                         help="ours: PEFT's linear LoRA products in bf16 instead of fp32 (kernels/lora.py)")
     parser.add_argument("--decode-piece-mib", type=int, default=None,
@@ -355,11 +358,13 @@ def main(argv=None) -> int:
         make_mxfp4_resident(model, stored, device)
         description = enable_fast_training(model, recompute="layer", loss_chunk_size=args.loss_chunk,
                                            offload_embeddings=args.offload_embeddings, force=device != "cuda",
-                                           lora_matmul_dtype=torch.bfloat16 if args.lora_bf16 else None)
+                                           lora_matmul_dtype=torch.bfloat16 if args.lora_bf16 else None,
+                                           offload_layer_inputs=args.offload_layer_inputs)
         print(description, flush=True)
         if "fast" in phases:
-            options = (", embeddings in host memory" if args.offload_embeddings else "") + (
-                ", LoRA products bf16" if args.lora_bf16 else "")
+            options = (", LoRA products bf16" if args.lora_bf16 else "") + (
+                ", layer inputs in host memory" if args.offload_layer_inputs else "") + (
+                ", embeddings in host memory" if args.offload_embeddings else "")
             _try_step(report, f"ours MXFP4, LoRA L7/15/23, recompute=layer{options}", model, batch,
                       steps=args.steps, warmup=args.warmup, profile_to=args.out / "profile_fast.txt")
         if "fast_eager" in phases:
@@ -389,14 +394,23 @@ def main(argv=None) -> int:
                 _try_step(report, f"ours MXFP4, LoRA L7/15/23, recompute=layer, pieces {backward_mib}/{forward_mib} "
                           "MiB (bwd/fwd)", model, batch, steps=args.steps, warmup=1)
             moe.DECODE_PIECE_BYTES, moe.NO_GRAD_DECODE_PIECE_BYTES = defaults
-        if "opt_in" in phases:  # cumulative: bf16 LoRA products, then also the host-memory embeddings
-            from gptoss_train.kernels import install_lora_matmul_dtype, offload_frozen_embeddings
-            install_lora_matmul_dtype(model, torch.bfloat16)
-            _try_step(report, "ours MXFP4, LoRA L7/15/23, recompute=layer, LoRA products bf16", model, batch,
-                      steps=args.steps, warmup=1)
-            offload_frozen_embeddings(model)
-            _try_step(report, "ours MXFP4, LoRA L7/15/23, recompute=layer, LoRA products bf16, embeddings in host "
-                      "memory", model, batch, steps=args.steps, warmup=1, profile_to=args.out / "profile_opt_in.txt")
+        if "opt_in" in phases:  # cumulative: bf16 LoRA products, layer inputs in host memory, embeddings there too
+            from gptoss_train.kernels import (install_layer_inputs_in_host, install_lora_matmul_dtype,
+                                              offload_frozen_embeddings)
+            run = "ours MXFP4, LoRA L7/15/23, recompute=layer"
+            if not args.lora_bf16:
+                install_lora_matmul_dtype(model, torch.bfloat16)
+                run += ", LoRA products bf16"
+                _try_step(report, run, model, batch, steps=args.steps, warmup=1)
+            if not args.offload_layer_inputs:
+                install_layer_inputs_in_host(model)
+                run += ", layer inputs in host memory"
+                _try_step(report, run, model, batch, steps=args.steps, warmup=1,
+                          profile_to=args.out / "profile_opt_in.txt")
+            if not args.offload_embeddings:
+                offload_frozen_embeddings(model)
+                run += ", embeddings in host memory"
+                _try_step(report, run, model, batch, steps=args.steps, warmup=1)
         if phases & {"all_experts", "long"}:
             model = get_peft_model(model.unload(), lora_config(expert_layers=None))
             if "all_experts" in phases:

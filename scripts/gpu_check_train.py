@@ -108,12 +108,17 @@ def main(argv=None) -> int:
     make_mxfp4_resident(model32, stored, device)
     print(enable_fast_training(model32, recompute="layer"), flush=True)
     loss_fast32, grads_fast32 = run(model32, ids)
+    from gptoss_train.kernels import install_layer_inputs_in_host
+    assert install_layer_inputs_in_host(model32), "our recompute is not in use"
+    loss_offload32, grads_offload32 = run(model32, ids)  # the same, layer inputs kept in host memory
     del model32
     torch.cuda.empty_cache()
     print(f"loss fp32: eager {loss32.item():.6f}  fast {loss_fast32.item():.6f}  rel {rel(loss_fast32, loss32):.2e}")
     if rel(loss_fast32, loss32) > args.tolerance:
         failures.append("loss fp32")
     compare("float32: fast vs transformers eager (issue 7 criterion: rel err <= tolerance)", grads_fast32, grads32,
+            args.tolerance, failures)
+    compare("float32, layer inputs in host memory: fast vs transformers eager", grads_offload32, grads32,
             args.tolerance, failures)
 
     # bfloat16: eager (the HF path), then fast

@@ -32,7 +32,7 @@ __all__ = [
     "install_fast_experts", "moe_experts_forward", "attach_mxfp4_experts", "install_chunked_loss",
     "chunked_linear_cross_entropy", "causal_lm_chunked_loss", "install_recompute", "RECOMPUTE_CHOICES",
     "install_compiled_norms", "install_compiled_layers", "compile_failure", "offload_frozen_embeddings",
-    "restore_embeddings", "install_lora_matmul_dtype",
+    "restore_embeddings", "install_lora_matmul_dtype", "install_layer_inputs_in_host",
 ]
 
 # "layer": recompute whole decoder layers (least memory): with compiled layers our own recompute, which skips what
@@ -88,10 +88,24 @@ def install_recompute(model, recompute: str, *, own: bool = True) -> None:
             module.forward = functools.partial(_checkpointed_forward, module.forward)
 
 
+def install_layer_inputs_in_host(model) -> bool:
+    """Keep the layer inputs saved by our recompute in pinned host memory (see layer.LayerInputsInHost); False
+    where our recompute is not in use (nothing installed)."""
+    from gptoss_train.kernels.layer import LayerInputsInHost
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = [m for m in base.modules() if type(m).__name__ == "GptOssDecoderLayer"]
+    if not layers or not all(layer.__dict__.get("_own_recompute") for layer in layers):
+        return False
+    LayerInputsInHost(len(layers)).install(layers)
+    return True
+
+
 def enable_fast_training(model, *, attention: bool = True, experts: bool = True, loss: bool = True, norms: bool = True,
                          recompute: str | None = None, loss_chunk_size: int = 1024, compile_layers: bool | None = None,
                          compile_backend: str = "inductor", offload_embeddings: bool = False,
-                         lora_matmul_dtype: torch.dtype | None = None, force: bool = False) -> str | None:
+                         lora_matmul_dtype: torch.dtype | None = None, offload_layer_inputs: bool = False,
+                         force: bool = False) -> str | None:
     """Switch a loaded GptOssForCausalLM (possibly PEFT-wrapped) to the fast training path.
 
     Returns a one-line description of what was switched, or None when the model is not on CUDA (the reference
@@ -103,6 +117,8 @@ def enable_fast_training(model, *, attention: bool = True, experts: bool = True,
     read its docstring before combining it with generation in the same process).
     ``lora_matmul_dtype`` (opt-in, e.g. torch.bfloat16) computes PEFT's linear LoRA products in that dtype instead of
     the adapters' float32 (kernels/lora.py); the float32 adapters stay the trained parameters.
+    ``offload_layer_inputs`` (opt-in, CUDA, with recompute="layer" over compiled layers) keeps the layer inputs that
+    our recompute saves in pinned host memory between forward and backward (layer.LayerInputsInHost).
     """
     try:
         device = next(model.parameters()).device
@@ -139,4 +155,6 @@ def enable_fast_training(model, *, attention: bool = True, experts: bool = True,
     if recompute is not None:
         install_recompute(model, recompute)
         parts.append(f"recompute={recompute}")
+    if offload_layer_inputs:
+        parts.append(f"layer inputs={'host memory' if install_layer_inputs_in_host(model) else 'kept (needs our recompute)'}")
     return "fast training path: " + ", ".join(parts)

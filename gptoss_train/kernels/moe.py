@@ -147,8 +147,9 @@ class _GroupedMM(torch.autograd.Function):
 
 # Largest transient bf16 piece of a decoded expert stack. A whole 20b gate_up stack is 1 GiB (120b: 4 GiB) and it is
 # alive in the backward of every layer, next to that layer's recomputed activations, where the step's memory peaks:
-# decoding (and multiplying) a range of output rows at a time bounds it. Smaller pieces cost more, narrower GEMMs.
-DECODE_PIECE_BYTES = 256 * 2**20
+# decoding (and multiplying) a range of output rows at a time bounds it. Smaller pieces cost more, narrower GEMMs:
+# on the H100 (20b, 4 x 2048) 256 MiB gave 15,642 tok/s at 16.54 GiB, 512 MiB 16,261 at 16.71 (docs/benchmarks.md).
+DECODE_PIECE_BYTES = 512 * 2**20
 # The same bound for products run with autograd off (the forward of a recomputed layer, kernels/layer.py): nothing is
 # saved there, so the step's peak is elsewhere and a whole 20b stack fits; fewer, wider GEMMs and no concatenation.
 NO_GRAD_DECODE_PIECE_BYTES = 1024 * 2**20

@@ -107,6 +107,16 @@ class TrainSection:
 
 
 @dataclass
+class FastSection:
+    """Opt-in options of the CUDA fast path (fast_path: auto); see docs/fast-training.md. Defaults keep PEFT's
+    numerics and everything on the GPU."""
+
+    lora_matmul_dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16: PEFT's linear LoRA products in bf16
+    offload_layer_inputs: bool = False  # saved layer inputs in pinned host memory between forward and backward
+    offload_embeddings: bool = False  # frozen input embedding table in pinned host memory
+
+
+@dataclass
 class SFTConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -115,9 +125,10 @@ class SFTConfig:
     qat: bool = False  # fake-quantize expert weights to MXFP4 in the forward (gptoss_train.quant.qat)
     qat_options: dict = field(default_factory=dict)  # keyword arguments for quant.qat.enable_qat
     fast_path: Literal["auto", "off"] = "auto"  # auto: gptoss_train.kernels on CUDA when available
+    fast: FastSection = field(default_factory=FastSection)
 
 
-SECTIONS = ("model", "data", "lora", "train")
+SECTIONS = ("model", "data", "lora", "train", "fast")
 
 # ---------------------------------------------------------------------------------------------------------------
 # Building dataclasses from plain dicts, with type checks
@@ -342,6 +353,7 @@ def save_config(cfg: SFTConfig, path: str | os.PathLike) -> Path:
 RESUME_MAY_CHANGE = frozenset({
     "train.steps", "train.epochs", "train.resume", "train.output_dir", "train.save_every", "train.save_total_limit",
     "train.logging", "train.log_every", "train.progress", "train.merge", "data.eval_files", "fast_path",
+    "fast.lora_matmul_dtype", "fast.offload_layer_inputs", "fast.offload_embeddings",
 })
 
 

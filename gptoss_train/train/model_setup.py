@@ -237,8 +237,10 @@ def apply_fast_path(model, cfg: SFTConfig) -> str:
         else:
             # QAT fake-quantises the experts inside the experts module's forward; the fast experts path reads the
             # weights itself and would bypass it, so under QAT the experts stay on the reference path.
-            description = enable_fast_training(model, experts=not cfg.qat,
-                                               recompute="layer" if cfg.train.gradient_checkpointing else None)
+            description = enable_fast_training(
+                model, experts=not cfg.qat, recompute="layer" if cfg.train.gradient_checkpointing else None,
+                lora_matmul_dtype=torch.bfloat16 if cfg.fast.lora_matmul_dtype == "bfloat16" else None,
+                offload_layer_inputs=cfg.fast.offload_layer_inputs, offload_embeddings=cfg.fast.offload_embeddings)
             line = (f"fast path: {description}" if description
                     else "reference path: transformers eager (fast path not applicable to this model)")
             if description and cfg.qat:

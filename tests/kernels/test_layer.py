@@ -183,3 +183,29 @@ def test_grouped_gemm_op_fixes_permuted_operands():
     offs = torch.tensor([4, 9, 12], dtype=torch.int32)
     expected = torch.cat([x[0:4] @ permuted[0], x[4:9] @ permuted[1], x[9:12] @ permuted[2]])
     assert rel_err(_grouped_mm(x, permuted, offs), expected) < 1e-6
+
+
+def test_layer_inputs_in_host_need_our_recompute():
+    """install_layer_inputs_in_host applies only where our recompute saves the layer inputs; on CPU the inputs stay
+    where they are (pinned host memory is a CUDA device's staging area) and training is unchanged."""
+    from gptoss_train.kernels import install_layer_inputs_in_host, install_recompute
+    from gptoss_train.kernels.layer import install_compiled_layers
+
+    model = build_tiny_model()
+    reference, fast = add_lora(copy.deepcopy(model)), add_lora(copy.deepcopy(model))
+    enable_fast_training(fast, force=True, compile_layers=False, recompute="layer")
+    assert not install_layer_inputs_in_host(fast)  # transformers' checkpointing: nothing to offload
+    install_compiled_layers(fast, backend=None)
+    install_recompute(fast, "layer")
+    assert install_layer_inputs_in_host(fast)
+    layers = fast.get_base_model().model.layers
+    assert all(layer._host_inputs is layers[0]._host_inputs for layer in layers)
+    fast.train()
+    reference.train()
+    ids = torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(10))
+    fast_loss, ref_loss = fast(input_ids=ids, labels=ids).loss, reference(input_ids=ids, labels=ids).loss
+    fast_loss.backward()
+    ref_loss.backward()
+    ref_grads = lora_grads(reference)
+    for name, grad in lora_grads(fast).items():
+        assert rel_err(grad, ref_grads[name]) < 1e-4, name

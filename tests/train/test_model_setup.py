@@ -114,3 +114,24 @@ def test_fast_path_keeps_reference_experts_under_qat(tiny_lora_cfg, monkeypatch,
     line = model_setup.apply_fast_path(torch.nn.Linear(1, 1), tiny_lora_cfg)
     assert seen["experts"] is (not qat)
     assert ("experts on the reference path" in line) is qat
+
+
+def test_fast_section_reaches_the_fast_path(tiny_lora_cfg, monkeypatch):
+    """fast.* options (typed, from YAML or the command line) are passed to enable_fast_training as they say."""
+    import gptoss_train.kernels as kernels
+    from gptoss_train.train.config import ConfigError, load_config
+
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(kernels, "enable_fast_training", lambda model, **kwargs: seen.update(kwargs) or "x")
+    model_setup.apply_fast_path(torch.nn.Linear(1, 1), tiny_lora_cfg)
+    assert seen["lora_matmul_dtype"] is None and seen["offload_layer_inputs"] is False
+    cfg = load_config(None, ["fast.lora_matmul_dtype=bfloat16", "--offload_layer_inputs", "true"])
+    tiny_lora_cfg.fast = cfg.fast
+    model_setup.apply_fast_path(torch.nn.Linear(1, 1), tiny_lora_cfg)
+    assert seen["lora_matmul_dtype"] is torch.bfloat16 and seen["offload_layer_inputs"] is True
+    assert seen["offload_embeddings"] is False
+    with pytest.raises(ConfigError, match="float16"):
+        load_config(None, ["fast.lora_matmul_dtype=float16"])
+    with pytest.raises(ConfigError, match="did you mean 'fast.offload_layer_inputs'"):
+        load_config(None, ["fast.offload_layer_input=true"])
