@@ -435,7 +435,10 @@ def main(argv=None) -> int:
             resident = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else float("nan")
             report.add(run=f"{shape} MXFP4-resident weights", status=f"{resident:.1f} GiB resident")
             big = get_peft_model(big, lora_config(expert_layers=None))
-            enable_fast_training(big, recompute="layer", force=device != "cuda")
+            print(enable_fast_training(big, recompute="layer", force=device != "cuda",
+                                       lora_matmul_dtype=torch.bfloat16 if args.lora_bf16 else None,
+                                       offload_layer_inputs=args.offload_layer_inputs,
+                                       offload_embeddings=args.offload_embeddings), flush=True)
             for rows in (1, args.batch):
                 big_batch = torch.randint(0, config.vocab_size, (rows, args.seq), device=device)
                 if not _try_step(report, f"{shape} LoRA attn + all experts, {rows} x {args.seq}", big, big_batch,
