@@ -1,6 +1,6 @@
 """MXFP4 -> bf16 decode of expert stacks on the GPU: one Triton pass, bytes in, interleaved values out.
 
-The frozen experts are decoded 3 times per layer and step (forward, recompute, backward), 1.6 GB of bf16 written
+The frozen experts are decoded in forward, in the recompute (gate_up only) and in backward, 1.6 GB of bf16 written
 each time at 20b shapes. The inductor-fused version of the table decode reached ~1 TB/s (1.05 ms a matrix in the
 first profile); this kernel computes the E2M1 values arithmetically from the nibble bits and the scale from the
 E8M0 byte as float bits, so it is a pure stream: read 17 bytes, write 64.
