@@ -22,7 +22,7 @@ import torch
 from gptoss_train.kernels.attention import install_sink_attention, register_sink_attention, sink_attention_forward
 from gptoss_train.kernels.loss import causal_lm_chunked_loss, chunked_linear_cross_entropy, install_chunked_loss
 from gptoss_train.kernels.embedding import offload_frozen_embeddings, restore_embeddings
-from gptoss_train.kernels.layer import compile_failure, install_compiled_layers
+from gptoss_train.kernels.layer import compile_failure, decoder_layers, install_compiled_layers
 from gptoss_train.kernels.lora import install_lora_matmul_dtype
 from gptoss_train.kernels.moe import attach_mxfp4_experts, install_fast_experts, moe_experts_forward
 from gptoss_train.kernels.norm import install_compiled_norms
@@ -62,13 +62,11 @@ def install_recompute(model, recompute: str, *, own: bool = True) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     # A KV cache would grow again during recomputation (transformers' own checkpointing turns it off too).
     base.config.use_cache = False
-    layers = [m for m in base.modules() if type(m).__name__ == "GptOssDecoderLayer"]
+    layers = decoder_layers(base)
     compiled = bool(layers) and all("_forward_before_compile" in layer.__dict__ for layer in layers)
     use_own = recompute == "layer" and own and compiled
     for layer in layers:
         layer._own_recompute = use_own
-    if use_own:
-        _disable_checkpointing(base)
     if recompute == "layer" and not use_own:
         # transformers >= 5.2x renamed it activation_checkpointing_enable; 5.17 (GPU image) has the old name only
         enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
@@ -93,8 +91,7 @@ def install_layer_inputs_in_host(model) -> bool:
     where our recompute is not in use (nothing installed)."""
     from gptoss_train.kernels.layer import LayerInputsInHost
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = [m for m in base.modules() if type(m).__name__ == "GptOssDecoderLayer"]
+    layers = decoder_layers(model)
     if not layers or not all(layer.__dict__.get("_own_recompute") for layer in layers):
         return False
     LayerInputsInHost(len(layers)).install(layers)

@@ -119,12 +119,13 @@ class RecomputedLayer(torch.autograd.Function):
 
 
 class _HostInput:
-    """One layer input in pinned host memory: copied out on a side stream during forward, copied back (prefetched
-    while the layer after it runs its backward) for the recompute."""
+    """One layer input in pinned host memory: copied out on a side stream during forward, copied back for the
+    recompute; fetching it starts the copy of the previous layer's input (``inputs[index - 1]``), whose backward
+    comes next."""
 
-    def __init__(self, tensor: torch.Tensor, stream: torch.cuda.Stream):
+    def __init__(self, tensor: torch.Tensor, stream: torch.cuda.Stream, inputs: dict, index: int):
         self.stream, self.device, self.ready = stream, tensor.device, None
-        self.on_device = None
+        self.inputs, self.index, self.on_device = inputs, index, None
         self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
         stream.wait_stream(torch.cuda.current_stream(tensor.device))  # the tensor is complete
         with torch.cuda.stream(stream):
@@ -147,6 +148,10 @@ class _HostInput:
         self.prefetch()
         torch.cuda.current_stream(self.device).wait_event(self.ready)
         tensor, self.on_device, self.host = self.on_device, None, None  # the pinned block goes back to torch's cache
+        self.inputs.pop(self.index, None)
+        previous = self.inputs.get(self.index - 1)
+        if previous is not None:
+            previous.prefetch()
         return tensor
 
 
@@ -165,29 +170,15 @@ class LayerInputsInHost:
         for layer in layers:
             layer._host_inputs = self
 
-    def offload(self, hidden: torch.Tensor, index: int | None):
+    def offload(self, hidden: torch.Tensor, index: int | None) -> _HostInput | None:
         if not hidden.is_cuda or index is None or index == self.num_layers - 1:
             return None
         if self.stream is None:
             self.stream = torch.cuda.Stream(hidden.device)
-        if index == 0:
+        if index == 0:  # a new forward
             self.inputs = {}
-        entry = _HostInput(hidden, self.stream)
-        self.inputs[index] = entry
-        return _ChainedHostInput(entry, self, index)
-
-
-class _ChainedHostInput:
-    def __init__(self, entry: _HostInput, chain: LayerInputsInHost, index: int):
-        self.entry, self.chain, self.index = entry, chain, index
-
-    def fetch(self) -> torch.Tensor:
-        tensor = self.entry.fetch()
-        previous = self.chain.inputs.get(self.index - 1)
-        if previous is not None:
-            previous.prefetch()
-        self.chain.inputs.pop(self.index, None)
-        return tensor
+        self.inputs[index] = _HostInput(hidden, self.stream, self.inputs, index)
+        return self.inputs[index]
 
 
 def own_recompute_ok(layer) -> bool:
@@ -244,14 +235,23 @@ def _record_compile_failure(dtype: torch.dtype, err: Exception, what: str) -> No
     warnings.warn(f"compiled decoder layer failed in {dtype} ({reason}); {what}\n{traceback.format_exc()[-3000:]}")
 
 
+def _fell_back(layer, dtype: torch.dtype, kind: str) -> bool:
+    """Whether this layer runs the ``kind`` body eagerly: compilation failed in ``dtype`` before this layer ran that
+    graph compiled. A layer that did keeps it (a checkpoint's recompute must save what its forward saved)."""
+    return dtype in _compile_failed and kind not in layer.__dict__.get("_compiled_ran", {}).get(dtype, ())
+
+
+def _ran_compiled(layer, dtype: torch.dtype, kind: str) -> None:
+    layer.__dict__.setdefault("_compiled_ran", {}).setdefault(dtype, set()).add(kind)
+
+
 def _recompute(backend: str | None, layer, args, hidden):
     from torch._dynamo.exc import TorchDynamoException
 
-    if backend is not None and not (hidden.dtype in _compile_failed
-                                    and "recompute" not in layer.__dict__.get("_compiled_ran", {}).get(hidden.dtype, ())):
+    if backend is not None and not _fell_back(layer, hidden.dtype, "recompute"):
         try:
             out = _run("recompute", backend, layer, hidden, *args)
-            layer.__dict__.setdefault("_compiled_ran", {}).setdefault(hidden.dtype, set()).add("recompute")
+            _ran_compiled(layer, hidden.dtype, "recompute")
             return out
         except TorchDynamoException as err:
             # Recomputing eagerly gives values that may differ from the compiled forward's in the last bits (another
@@ -299,9 +299,7 @@ def _compiled_layer_forward(layer, eager_forward, backend, hidden_states, attent
                                       seq_len, hidden_states.device)
         graph_mask = graph_positions = None
     args = (position_embeddings, graph_mask, graph_positions, block_mask)
-    # A layer that ran compiled in this dtype keeps doing so even after another layer's compilation failed: a
-    # checkpoint's recompute must save exactly what its forward saved (checkpointing compares them).
-    if dtype in _compile_failed and "forward" not in layer.__dict__.get("_compiled_ran", {}).get(dtype, ()):
+    if _fell_back(layer, dtype, "forward"):
         return _layer_call(layer, None, mode, hidden_states, args)
     from torch._dynamo.exc import TorchDynamoException
 
@@ -313,7 +311,7 @@ def _compiled_layer_forward(layer, eager_forward, backend, hidden_states, attent
         # propagate unchanged.
         _record_compile_failure(dtype, err, "running the layers eagerly")
         return _layer_call(layer, None, mode, hidden_states, args)
-    layer.__dict__.setdefault("_compiled_ran", {}).setdefault(dtype, set()).add("forward")
+    _ran_compiled(layer, dtype, "forward")
     return out
 
 
@@ -324,20 +322,22 @@ def compile_failure() -> str | None:
     return "; ".join(f"{str(dtype).removeprefix('torch.')}: {reason}" for dtype, reason in _compile_failed.items())
 
 
+def decoder_layers(model) -> list:
+    """The GptOssDecoderLayer modules of ``model`` (PEFT-wrapped or not), in order."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return [module for module in base.modules() if type(module).__name__ == "GptOssDecoderLayer"]
+
+
 def install_compiled_layers(model, backend: str = "inductor") -> int:
     """Run every GptOssDecoderLayer of ``model`` through the compiled body; returns how many were switched.
 
     Needs the fast attention and experts installed (``enable_fast_training`` does it in that order)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    switched = 0
-    for module in base.modules():
-        if type(module).__name__ != "GptOssDecoderLayer":
-            continue
+    layers = decoder_layers(model)
+    for module in layers:
         eager = module.__dict__.get("_forward_before_compile") or module.forward
         module._forward_before_compile = eager
         module.forward = functools.partial(_compiled_layer_forward, module, eager, backend)
-        switched += 1
-    return switched
+    return len(layers)
 
 
 def remove_compiled_layers(model) -> int:

@@ -2,7 +2,7 @@
 
 PEFT keeps adapters in float32 (``autocast_adapter_dtype``) and computes ``lora_B(lora_A(x))`` in float32: x is cast up,
 both products run as fp32 SIMT GEMMs (no tensor cores with TF32 off) and the rank-r update is an fp32 [tokens, out]
-buffer. On the 20b step that was 23 ms of the attention's q/k/v/o adapters (docs/fast-training.md, profile). Here
+buffer. On the 20b step that was 23-41 ms of the attention's q/k/v/o adapters (docs/fast-training.md, profiles). Here
 the factors are cast to the activations' dtype (bf16) for the products, as autocast would do, and the float32
 parameters stay the ones trained: their gradients come back through the cast in float32. The result differs from
 PEFT's by bf16 rounding of the rank-r intermediate and of the update, which is why it is an option, not the default.

@@ -55,3 +55,22 @@ def lora_grads(model) -> dict:
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach(), b.detach()
     return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30))
+
+
+def assert_same_lora_grads(reference, fast, tol: float, *, nonzero: bool = False) -> None:
+    """Every trainable parameter's gradient of ``fast`` within ``tol`` (relative) of ``reference``'s."""
+    ref_grads = lora_grads(reference)
+    for name, grad in lora_grads(fast).items():
+        if nonzero:
+            assert grad.abs().sum() > 0, name
+        assert rel_err(grad, ref_grads[name]) < tol, name
+
+
+def assert_same_training(reference, fast, ids, *, grad_tol: float, loss_tol: float | None = 1e-5) -> None:
+    """One forward + backward of both models on ``ids`` (labels = ids): same loss, same LoRA gradients."""
+    ref_loss, fast_loss = reference(input_ids=ids, labels=ids).loss, fast(input_ids=ids, labels=ids).loss
+    ref_loss.backward()
+    fast_loss.backward()
+    if loss_tol is not None:
+        assert rel_err(fast_loss, ref_loss) < loss_tol
+    assert_same_lora_grads(reference, fast, grad_tol)

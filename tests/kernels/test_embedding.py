@@ -6,7 +6,7 @@ import torch
 
 from gptoss_train.kernels import enable_fast_training, offload_frozen_embeddings, restore_embeddings
 
-from conftest import add_lora, build_tiny_model, lora_grads, rel_err
+from conftest import add_lora, assert_same_training, build_tiny_model
 
 
 def test_offloaded_embeddings_train_the_same():
@@ -19,13 +19,7 @@ def test_offloaded_embeddings_train_the_same():
     embed = fast.get_base_model().model.embed_tokens
     assert embed.weight.shape == (512, 64) and embed.weight.untyped_storage().nbytes() <= 4  # placeholder
     ids = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(7))
-    ref_loss, fast_loss = reference(input_ids=ids, labels=ids).loss, fast(input_ids=ids, labels=ids).loss
-    ref_loss.backward()
-    fast_loss.backward()
-    assert rel_err(fast_loss, ref_loss) < 1e-5
-    ref_grads = lora_grads(reference)
-    for name, grad in lora_grads(fast).items():
-        assert rel_err(grad, ref_grads[name]) < 1e-4, name
+    assert_same_training(reference, fast, ids, grad_tol=1e-4)
     assert restore_embeddings(fast)
     assert torch.equal(fast.get_base_model().model.embed_tokens.weight,
                        reference.get_base_model().model.embed_tokens.weight)
