@@ -203,7 +203,10 @@ def train_steps(model, batch, *, steps: int, warmup: int, profile_to: Path | Non
             torch.cuda.synchronize()
         averages = prof.key_averages()
         profile_to.write_text(kernel_summary(averages) + "\n\n"
-                              + averages.table(sort_by="self_cuda_time_total", row_limit=70))
+                              + averages.table(sort_by="self_cuda_time_total", row_limit=70) + "\n\n"
+                              + averages.table(sort_by="self_cpu_time_total", row_limit=30))
+        # the timeline, for GPU idle time and what the CPU was doing meanwhile (scripts/trace_gaps.py)
+        prof.export_chrome_trace(str(profile_to.with_suffix(".trace.json")))
     del optimizer
     return seconds, peak, float(loss), forward_peak
 

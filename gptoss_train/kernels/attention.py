@@ -120,14 +120,45 @@ except ImportError:
     _AuxRequest = None
 
 
+# Backward tiles for gpt-oss's head dim 64 in bf16 on Hopper, measured at 4 x 2048 on the H100
+# (scripts/bench_attention_gpu.py, docs/benchmarks.md): forward + backward of a full-attention layer 2.28 -> 2.01 ms,
+# of a sliding-window layer 1.23 -> 1.04 ms, same gradients. Inductor's default choice is kept elsewhere (other
+# GPUs, float32, other head dims), where these tiles were not measured.
+HOPPER_BF16_HEAD64_OPTIONS = {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
+                              "bwd_num_warps": 4, "bwd_num_stages": 3}
+
+
+# CUDA device index -> whether it is a Hopper (compute capability 9.0). Filled eagerly (``_note_device``, from the
+# mask builder, which runs before any attention call): the query happens outside the traced layer graph.
+_HOPPER_DEVICES: dict[int, bool] = {}
+
+
+def _note_device(device) -> None:
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in _HOPPER_DEVICES:
+            _HOPPER_DEVICES[index] = torch.cuda.get_device_capability(index) == (9, 0)
+
+
+def flex_kernel_options(query: torch.Tensor) -> dict | None:
+    """FlexAttention kernel options for this query: the measured Hopper tiles where they apply, else None."""
+    if (query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and query.shape[-1] == 64
+            and _HOPPER_DEVICES.get(query.device.index, False)):
+        return dict(HOPPER_BF16_HEAD64_OPTIONS)
+    return None
+
+
 def _flex_with_lse(query, key, value, block_mask, scaling):
     # Inside a compiled decoder layer (kernels/layer.py) flex is traced in place; eager callers use the compiled one.
     flex = _flex_attention if torch.compiler.is_compiling() else _compiled_flex()
+    options = flex_kernel_options(query)
     if _AuxRequest is not None:
         out, aux = flex(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=True,
-                        return_aux=_AuxRequest(lse=True))
+                        return_aux=_AuxRequest(lse=True), kernel_options=options)
         return out, aux.lse
-    return flex(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=True, return_lse=True)
+    return flex(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=True, return_lse=True,
+                kernel_options=options)
 
 
 class _BlockMaskCache:
@@ -146,37 +177,43 @@ class _BlockMaskCache:
             return a is b
         return a is b[0] and a._version == b[1]
 
-    def get(self, position_ids, padding, window, shape, build):
+    def get(self, position_ids, attention_mask, window, shape, build):
         for key, mask in self.entries:
-            if key[2] == window and key[3] == shape and self._same(position_ids, key[0]) and self._same(padding, key[1]):
+            if (key[2] == window and key[3] == shape and self._same(position_ids, key[0])
+                    and self._same(attention_mask, key[1])):
                 return mask
         mask = build()
         ver = lambda t: None if t is None else (t, t._version)  # noqa: E731
-        self.entries = [((ver(position_ids), ver(padding), window, shape), mask)] + self.entries[: self.size - 1]
+        self.entries = [((ver(position_ids), ver(attention_mask), window, shape), mask)] + self.entries[: self.size - 1]
         return mask
 
 
 _block_masks = _BlockMaskCache()
 
 
-def _block_mask(position_ids, padding, sliding_window, batch_size, q_len, kv_len, device):
+def _block_mask(position_ids, attention_mask, sliding_window, batch_size, q_len, kv_len, device):
+    """The BlockMask for these inputs, cached on the input tensors themselves (the same objects reach every layer of
+    a forward; transformers' default positions are passed as None, see kernels/layer.py, so a run without packing
+    or padding builds each mask once). Building it never synchronises with the GPU: given positions always carry
+    the document lookup (deciding whether a batch has several documents per row would read the GPU)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
+    _note_device(device)
+
     def build():
+        padding = _key_padding(attention_mask, batch_size, kv_len)
         doc = None if position_ids is None else document_ids_from_positions(position_ids, batch_size)
-        if doc is not None and not bool((doc[:, -1] > 1).any()):  # one document per row: skip the lookup
-            doc = None
         mask_mod = make_mask_mod(doc, padding, sliding_window, q_offset=kv_len - q_len)
         return create_block_mask(mask_mod, B=batch_size, H=None, Q_LEN=q_len, KV_LEN=kv_len, device=device,
                                  _compile=torch.device(device).type == "cuda")  # CPU (tests): small, eager
 
-    return _block_masks.get(position_ids, padding, sliding_window, (batch_size, q_len, kv_len), build)
+    return _block_masks.get(position_ids, attention_mask, sliding_window, (batch_size, q_len, kv_len), build)
 
 
 def layer_block_mask(attention_mask, position_ids, sliding_window, batch_size: int, seq_len: int, device):
-    """The (cached) BlockMask a training forward of one layer uses: built eagerly, outside any compiled region."""
-    padding = _key_padding(attention_mask, batch_size, seq_len)
-    return _block_mask(position_ids, padding, sliding_window, batch_size, seq_len, seq_len, device)
+    """The (cached) BlockMask a training forward of one layer uses: built eagerly, outside any compiled region.
+    ``position_ids`` None: one document per row."""
+    return _block_mask(position_ids, attention_mask, sliding_window, batch_size, seq_len, seq_len, device)
 
 
 def sink_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -196,7 +233,8 @@ def sink_attention_forward(module, query, key, value, attention_mask, scaling=No
         position_ids = None  # decoding with a cache: documents are a training-time notion
     if block_mask is not None or query.is_cuda:
         if block_mask is None:
-            block_mask = _block_mask(position_ids, padding, sliding_window, batch_size, q_len, kv_len, query.device)
+            block_mask = _block_mask(position_ids, attention_mask, sliding_window, batch_size, q_len, kv_len,
+                                     query.device)
         out, lse = _flex_with_lse(query, key, value, block_mask, scaling)
         gate = torch.sigmoid(lse - sinks.float().view(1, -1, 1))  # lse [B, Hq, L] float32
         out = (out.float() * gate.unsqueeze(-1)).to(query.dtype)
@@ -207,15 +245,23 @@ def sink_attention_forward(module, query, key, value, attention_mask, scaling=No
     return sink_attention_reference(query, key, value, sinks, scaling=scaling, mask=mask), None
 
 
+def padding_mask_only(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                      mask_function=None, attention_mask: torch.Tensor | None = None, **kwargs):
+    """transformers mask builder for this implementation: the 2-D padding mask (its last ``kv_length`` columns) or
+    None. Like FA2's builder, without its ``attention_mask.all()`` test, which reads the GPU (a host synchronisation
+    per forward and window); an all-ones mask simply masks nothing."""
+    return None if attention_mask is None else attention_mask[:, -kv_length:]
+
+
 def register_sink_attention() -> str:
     """Register the function and its mask builder with transformers; returns the implementation name."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     AttentionInterface.register(ATTENTION_NAME, sink_attention_forward)
-    # FA2's mask builder hands over the 2-D padding mask (or None) instead of a dense [B,1,L,S] mask: we build
-    # the block-sparse mask ourselves from it plus position_ids and the layer's window.
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, flash_attention_mask)
+    # The mask builder hands over the 2-D padding mask (or None) instead of a dense [B,1,L,S] mask: we build the
+    # block-sparse mask ourselves from it plus position_ids and the layer's window.
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, padding_mask_only)
     return ATTENTION_NAME
 
 

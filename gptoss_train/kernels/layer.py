@@ -295,7 +295,9 @@ def _compiled_layer_forward(layer, eager_forward, backend, hidden_states, attent
     graph_mask, graph_positions, block_mask = attention_mask, position_ids, None
     if hidden_states.is_cuda:  # FlexAttention's mask, built eagerly; the graph then needs neither mask input
         batch_size, seq_len = hidden_states.shape[:2]
-        block_mask = layer_block_mask(attention_mask, position_ids, layer.self_attn.sliding_window, batch_size,
+        caller = layer.__dict__.get("_caller_positions")
+        mask_positions = position_ids if caller is None or caller.given else None  # None: one document per row
+        block_mask = layer_block_mask(attention_mask, mask_positions, layer.self_attn.sliding_window, batch_size,
                                       seq_len, hidden_states.device)
         graph_mask = graph_positions = None
     args = (position_embeddings, graph_mask, graph_positions, block_mask)
@@ -328,23 +330,57 @@ def decoder_layers(model) -> list:
     return [module for module in base.modules() if type(module).__name__ == "GptOssDecoderLayer"]
 
 
+class CallerPositions:
+    """Whether the running forward's ``position_ids`` came from its caller (a forward pre-hook on the GptOssModel
+    records it). transformers fills in 0..L-1 when none are given: one document per row. The layers then build
+    their attention mask without positions, so it is the same mask every step and is built once; given positions
+    (packed documents) are a new tensor each batch and carry the document lookup."""
+
+    def __init__(self):
+        self.given = True  # until a forward says otherwise: keep the positions (always correct)
+
+    def record(self, module, args, kwargs) -> None:
+        positions = kwargs.get("position_ids", args[2] if len(args) > 2 else None)
+        self.given = positions is not None
+
+
+def _decoder_stack(model):
+    """The GptOssModel holding the decoder layers (None if there is none)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return next((module for module in base.modules() if type(module).__name__ == "GptOssModel"), None)
+
+
 def install_compiled_layers(model, backend: str = "inductor") -> int:
     """Run every GptOssDecoderLayer of ``model`` through the compiled body; returns how many were switched.
 
     Needs the fast attention and experts installed (``enable_fast_training`` does it in that order)."""
     layers = decoder_layers(model)
+    stack = _decoder_stack(model)
+    caller = None
+    if stack is not None:
+        caller = stack.__dict__.get("_caller_positions")
+        if caller is None:
+            caller = stack._caller_positions = CallerPositions()
+            stack._caller_positions_hook = stack.register_forward_pre_hook(caller.record, with_kwargs=True)
     for module in layers:
         eager = module.__dict__.get("_forward_before_compile") or module.forward
         module._forward_before_compile = eager
         module.forward = functools.partial(_compiled_layer_forward, module, eager, backend)
+        if caller is not None:
+            module._caller_positions = caller
     return len(layers)
 
 
 def remove_compiled_layers(model) -> int:
     """Undo ``install_compiled_layers`` (transformers' eager layer forward again); returns how many were restored."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    stack = _decoder_stack(model)
+    if stack is not None and "_caller_positions_hook" in stack.__dict__:
+        stack.__dict__.pop("_caller_positions_hook").remove()
+        stack.__dict__.pop("_caller_positions", None)
     restored = 0
     for module in base.modules():
+        module.__dict__.pop("_caller_positions", None)
         eager = module.__dict__.pop("_forward_before_compile", None)
         if eager is not None:
             module.forward = eager

@@ -153,6 +153,11 @@ DECODE_PIECE_BYTES = 512 * 2**20
 # The same bound for products run with autograd off (the forward of a recomputed layer, kernels/layer.py): nothing is
 # saved there, so the step's peak is elsewhere and a whole 20b stack fits; fewer, wider GEMMs and no concatenation.
 NO_GRAD_DECODE_PIECE_BYTES = 1024 * 2**20
+# A layer's recompute pass (kernels/layer.py) is followed at once by its backward, which decodes gate_up again for dX:
+# the recompute decodes the stack whole and keeps it for that dX instead (one decode, two GEMMs without pieces) when
+# the bf16 stack is at most this big. On the H100 (20b gate_up, 1 GiB), per layer: recompute product 2.35 -> 2.00 ms,
+# dX 2.77 -> 1.49 ms; the step's peak grows by about the stack (docs/benchmarks.md). 120b's 4 GiB stacks keep pieces.
+KEEP_DECODED_MAX_BYTES = 1280 * 2**20
 
 
 def _row_pieces(blocks: torch.Tensor, dtype: torch.dtype, budget: int | None = None) -> list[tuple[int, int]]:
@@ -166,13 +171,20 @@ def _row_pieces(blocks: torch.Tensor, dtype: torch.dtype, budget: int | None = N
 
 
 class _GroupedMMFromMXFP4(torch.autograd.Function):
-    """y = x @ decode(W)ᵀ per group, for a frozen MXFP4 stack [E, out, in]; backward decodes again for dX only.
+    """y = x @ decode(W)ᵀ per group, for a frozen MXFP4 stack [E, out, in]; backward gives dX only.
 
-    The stack is decoded a range of output rows at a time (``DECODE_PIECE_BYTES``): forward concatenates the pieces'
-    output columns, backward sums their contributions to dX. No bf16 copy outlives the product that reads it."""
+    Default: the stack is decoded a range of output rows at a time (``DECODE_PIECE_BYTES``): forward concatenates the
+    pieces' output columns, backward decodes again and sums their contributions to dX. No bf16 copy outlives the
+    product that reads it. ``keep_decoded`` (the recompute pass of a layer, whose backward follows at once): the
+    stack is decoded whole, once, and kept for backward's dX (see ``KEEP_DECODED_MAX_BYTES``)."""
 
     @staticmethod
-    def forward(ctx, x, blocks, scales, offs, budget: int):
+    def forward(ctx, x, blocks, scales, offs, budget: int, keep_decoded: bool = False):
+        ctx.kept = keep_decoded
+        if keep_decoded:
+            weight = decode_mxfp4_experts(blocks, scales, x.dtype)  # [E, out, in]
+            ctx.save_for_backward(weight, offs)
+            return _grouped_mm(x, weight.transpose(-1, -2), offs, native=True)
         ctx.save_for_backward(blocks, scales, offs)
         outputs = []
         for rows in _row_pieces(blocks, x.dtype, budget):
@@ -183,8 +195,14 @@ class _GroupedMMFromMXFP4(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.kept:
+            weight, offs = ctx.saved_tensors
+            # Through the opaque op: its input keeps the row-major layout it is produced in (inductor may otherwise
+            # pick another layout for the SwiGLU-backward kernel that writes it, seen as that kernel taking twice
+            # as long on the H100).
+            return _grouped_mm(grad, weight, offs), None, None, None, None, None
         blocks, scales, offs = ctx.saved_tensors
-        return _mxfp4_grad_input(grad, blocks, scales, offs), None, None, None, None
+        return _mxfp4_grad_input(grad, blocks, scales, offs), None, None, None, None, None
 
 
 def _mxfp4_grad_input(grad: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -222,12 +240,17 @@ class _GatherRows(torch.autograd.Function):
         return grad_source, None, None, None
 
 
-def _frozen_or_trainable_matmul(x, base, name: str, offs):
-    """x @ W_e for the base weight ``name`` (gate_up_proj / down_proj) of a GptOssExperts, whatever its storage."""
+def _frozen_or_trainable_matmul(x, base, name: str, offs, keep_decoded: bool = False):
+    """x @ W_e for the base weight ``name`` (gate_up_proj / down_proj) of a GptOssExperts, whatever its storage.
+
+    ``keep_decoded``: an MXFP4 stack small enough (``KEEP_DECODED_MAX_BYTES``) is decoded once for the product and
+    its backward."""
     if has_mxfp4_experts(base):
+        blocks, scales = getattr(base, f"{name}_blocks"), getattr(base, f"{name}_scales")
         budget = DECODE_PIECE_BYTES if torch.is_grad_enabled() else NO_GRAD_DECODE_PIECE_BYTES
-        return _GroupedMMFromMXFP4.apply(x, getattr(base, f"{name}_blocks"), getattr(base, f"{name}_scales"), offs,
-                                         budget)
+        decoded_bytes = blocks.shape[0] * blocks.shape[1] * blocks.shape[2] * 32 * x.element_size()
+        keep = keep_decoded and torch.is_grad_enabled() and decoded_bytes <= KEEP_DECODED_MAX_BYTES
+        return _GroupedMMFromMXFP4.apply(x, blocks, scales, offs, budget, keep)
     weight = getattr(base, name)  # [E, in, out] (transformers' is_transposed layout)
     return _GroupedMM.apply(x, weight.to(x.dtype), offs)
 
@@ -271,8 +294,8 @@ def _lora_operands(lora_a: torch.Tensor, lora_b: torch.Tensor, dtype: torch.dtyp
     return lora_a.contiguous(), lora_b.contiguous()
 
 
-def _projection(x, base, name, adapters, offs):
-    out = _frozen_or_trainable_matmul(x, base, name, offs)
+def _projection(x, base, name, adapters, offs, keep_decoded: bool = False):
+    out = _frozen_or_trainable_matmul(x, base, name, offs, keep_decoded)
     for lora_a, lora_b, scaling in adapters.get(name, ()):
         lora_a, lora_b = _lora_operands(lora_a, lora_b, x.dtype)
         low = _GroupedMM.apply(x, lora_a, offs)
@@ -294,7 +317,11 @@ class _RoutedDownForGradient(torch.autograd.Function):
 
     so this Function's forward returns an uninitialised [T, H] tensor: the grouped GEMM, its MXFP4 decode, the bias,
     routing weight and un-permute of the recompute pass are skipped (a sixth of the expert GEMMs and decodes of a
-    step). Frozen base weight only (LoRA on it is fine); the caller keeps the full path for a trainable one."""
+    step). Frozen base weight only (LoRA on it is fine); the caller keeps the full path for a trainable one.
+
+    SwiGLU stays outside, in autograd's hands: inside the compiled layer, inductor's partitioner already recomputes
+    ``act`` from the gate_up product in backward rather than keeping it. Moving SwiGLU and its written-out derivative
+    in here was measured slower on the H100 (the fused backward passes 0.81 -> 1.32 ms a layer)."""
 
     @staticmethod
     def forward(ctx, act, weights, lora_a, lora_b, frozen, scales, bias, pair_tokens, sorted_experts, offs,
@@ -359,6 +386,26 @@ def _down_for_gradient_supported(base, adapters) -> bool:
     return len(adapters.get("down_proj", ())) <= 1
 
 
+def route_order(flat_experts: torch.Tensor, num_experts: int):
+    """Group the routed pairs by expert: (order, inverse, offs), with ``order`` the stable sort of ``flat_experts``
+    (pair indices, expert-major), ``inverse[i]`` where pair i sits in that order, ``offs`` the groups' end offsets.
+
+    A counting sort: a pair's place is its expert's start plus the number of earlier pairs routed to the same expert
+    (a running count per expert). With 32 or 128 experts that is a few fused elementwise/scan kernels, where a sort
+    is a multi-kernel radix sort whose launches (and temporary allocations) kept the CPU busy: in the compiled
+    layer's forward, which the CPU launches barely faster than the GPU runs it, the GPU waited on them."""
+    experts = torch.arange(num_experts, device=flat_experts.device, dtype=flat_experts.dtype)
+    one_hot = (flat_experts[:, None] == experts[None, :]).to(torch.int32)  # [P, E]
+    running = torch.cumsum(one_hot, dim=0, dtype=torch.int32)  # [P, E]: pairs so far per expert
+    counts = running[-1]
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    rank = running.gather(1, flat_experts[:, None].to(torch.int64)).squeeze(1) - 1  # earlier pairs, same expert
+    inverse = ((offs - counts)[flat_experts] + rank).to(torch.int64)
+    order = torch.empty_like(inverse)
+    order[inverse] = torch.arange(inverse.numel(), device=inverse.device)
+    return order, inverse, offs
+
+
 def moe_experts_forward(hidden: torch.Tensor, router_indices: torch.Tensor, routing_weights: torch.Tensor,
                         experts_module: torch.nn.Module, *, gradient_only: bool = False) -> torch.Tensor:
     """Routed experts (+ LoRA) for T tokens: hidden [T, H], router_indices / routing_weights [T, K] -> [T, H].
@@ -368,24 +415,17 @@ def moe_experts_forward(hidden: torch.Tensor, router_indices: torch.Tensor, rout
     gradients are exact, and the down projection is skipped where it can be (``_RoutedDownForGradient``)."""
     base, adapters = _unwrap_experts(experts_module)
     num_tokens, top_k = router_indices.shape
-    num_experts = base.num_experts
     flat_experts = router_indices.reshape(-1)
-    order = torch.argsort(flat_experts, stable=True)
+    order, inverse, offs = route_order(flat_experts, base.num_experts)
     sorted_experts = flat_experts[order]
-    counts = torch.zeros(num_experts, dtype=torch.int32, device=hidden.device)
-    counts.scatter_add_(0, flat_experts.to(torch.int64), torch.ones_like(flat_experts, dtype=torch.int32))
-    offs = torch.cumsum(counts, 0, dtype=torch.int32)
-
-    # inverse[i] = where routed pair i (token i // K, slot i % K) sits in the expert-sorted order
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
     x = _GatherRows.apply(hidden, order // top_k, inverse, top_k)  # [T*K, H], grouped by expert
     # Eager CUDA callers get the two fused kernels; inside a compiled decoder layer (kernels/layer.py) the
     # surrounding graph fuses them anyway, and a nested torch.compile there would only get in the way.
     fuse = x.is_cuda and not torch.compiler.is_compiling()
     bias_swiglu = _compiled(_bias_swiglu) if fuse else _bias_swiglu
     bias_route = _compiled(_bias_route) if fuse else _bias_route
-    gate_up = _projection(x, base, "gate_up_proj", adapters, offs)
+    # In a recompute pass backward follows at once: gate_up's decoded stack serves its dX too.
+    gate_up = _projection(x, base, "gate_up_proj", adapters, offs, keep_decoded=gradient_only)
     act = bias_swiglu(gate_up, base.gate_up_proj_bias, sorted_experts, base.alpha, base.limit)
     if gradient_only and _down_for_gradient_supported(base, adapters):
         (lora_a, lora_b, scaling), = adapters.get("down_proj", ((None, None, 0.0),))

@@ -87,3 +87,36 @@ def test_right_padding_matches_eager():
         out = fast(input_ids=ids, attention_mask=attention_mask).logits
     assert rel_err(out[0], ref[0]) < 1e-5
     assert rel_err(out[1, :6], ref[1, :6]) < 1e-5
+
+
+def test_block_masks_are_reused_per_input_and_built_without_reading_the_gpu(monkeypatch):
+    """One BlockMask per (positions, padding mask, window, shape) object: without positions (transformers' default
+    ones, see test_layer) every step reuses it; a new batch's tensors build a new one. Building never reads values
+    back: a batch of one document per row still gets the document lookup (same predicate, so the same mask)."""
+    import torch.nn.attention.flex_attention as flex
+
+    from gptoss_train.kernels import attention
+
+    monkeypatch.setattr(attention, "_block_masks", attention._BlockMaskCache())
+    built = []
+    original = flex.create_block_mask
+    monkeypatch.setattr(flex, "create_block_mask", lambda mask_mod, **kw: built.append(mask_mod) or original(mask_mod, **kw))
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda self: (_ for _ in ()).throw(AssertionError("read back")))
+    first = attention.layer_block_mask(None, None, 4, 2, 16, "cpu")
+    assert attention.layer_block_mask(None, None, 4, 2, 16, "cpu") is first and len(built) == 1
+    padding = torch.ones(2, 16, dtype=torch.bool)
+    padded = attention.layer_block_mask(padding, None, 4, 2, 16, "cpu")
+    assert attention.layer_block_mask(padding, None, 4, 2, 16, "cpu") is padded and len(built) == 2
+    positions = torch.arange(16)[None]
+    with_positions = attention.layer_block_mask(None, positions, 4, 2, 16, "cpu")
+    assert len(built) == 3 and attention.layer_block_mask(None, positions.clone(), 4, 2, 16, "cpu") is not first
+    monkeypatch.undo()
+    assert torch.equal(with_positions.to_dense(), first.to_dense())
+
+
+def test_mask_builder_hands_over_the_padding_mask_without_testing_it():
+    from gptoss_train.kernels.attention import padding_mask_only
+
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    assert padding_mask_only(2, 4, 4, attention_mask=None) is None
+    assert padding_mask_only(2, 4, 4, attention_mask=mask).shape == (2, 4)

@@ -55,7 +55,7 @@ def _count_projections(monkeypatch):
 
     names = []
     original = moe._projection
-    monkeypatch.setattr(moe, "_projection", lambda x, base, name, *a: names.append(name) or original(x, base, name, *a))
+    monkeypatch.setattr(moe, "_projection", lambda x, base, name, *a, **k: names.append(name) or original(x, base, name, *a, **k))
     return names
 
 
@@ -164,6 +164,28 @@ def test_flex_branch_of_the_compiled_body_traces_whole():
             got = compiled(layer, hidden, embeddings, None, None, block_mask)
             assert not counters["graph_break"], dict(counters["graph_break"])
             assert rel_err(got, expected) < 1e-5
+
+
+def test_layers_know_whether_the_caller_gave_positions():
+    """transformers fills in 0..L-1 when a forward gets no position_ids: the layers then build their mask without
+    positions (one document per row, the same mask every step); given positions are used."""
+    from gptoss_train.kernels.layer import install_compiled_layers, remove_compiled_layers
+
+    model = build_tiny_model()
+    enable_fast_training(model, force=True, compile_layers=False)
+    install_compiled_layers(model, backend=None)
+    caller = model.model.layers[0]._caller_positions
+    assert all(layer._caller_positions is caller for layer in model.model.layers)
+    ids = torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        model(input_ids=ids)
+        assert caller.given is False
+        model(input_ids=ids, position_ids=torch.arange(8)[None])
+        assert caller.given is True
+    install_compiled_layers(model, backend=None)  # a second install keeps one hook
+    assert len(model.model._forward_pre_hooks) == 1
+    remove_compiled_layers(model)
+    assert not model.model._forward_pre_hooks and "_caller_positions" not in model.model.layers[0].__dict__
 
 
 def test_grouped_gemm_op_fixes_permuted_operands():

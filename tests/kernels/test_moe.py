@@ -165,10 +165,42 @@ def test_gradient_only_experts_give_the_same_gradients(storage, adapted, monkeyp
     full_out, full = _expert_grads(mlp.experts, hidden, indices, scores, grad_out, gradient_only=False)
     projections = []
     original = moe._projection
-    monkeypatch.setattr(moe, "_projection", lambda x, base, name, *a: projections.append(name) or original(x, base, name, *a))
+    monkeypatch.setattr(moe, "_projection", lambda x, base, name, *a, **k: projections.append(name) or original(x, base, name, *a, **k))
     _, only = _expert_grads(mlp.experts, hidden, indices, scores, grad_out, gradient_only=True)
     assert projections == ["gate_up_proj"]
     assert len(full) == len(only) >= 2 + (4 if adapted == "all" else 2 if adapted == "gate_up only" else 0)
+    for got, expected in zip(only, full):
+        assert expected.abs().sum() > 0
+        assert rel_err(got, expected) < 1e-5
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_recompute_pass_decodes_gate_up_once(keep, monkeypatch):
+    """In a recompute pass (gradient_only) the MXFP4 gate_up stack decoded for the product serves backward's dX:
+    one gate_up decode instead of two, and the same gradients; a stack over KEEP_DECODED_MAX_BYTES keeps pieces."""
+    from peft import LoraConfig, get_peft_model
+
+    from gptoss_train.kernels import moe
+
+    _, model = _mxfp4_pair(build_tiny_model())
+    torch.manual_seed(3)
+    model = get_peft_model(model, LoraConfig(r=3, lora_alpha=6, target_modules=["q_proj"],
+                                             target_parameters=["mlp.experts.gate_up_proj"], init_lora_weights=False))
+    mlp = model.get_base_model().model.layers[0].mlp
+    generator = torch.Generator().manual_seed(21)
+    hidden = torch.randn(11, 64, generator=generator)
+    _, scores, indices = mlp.router(hidden)
+    grad_out = torch.randn(11, 64, generator=generator)
+    _, full = _expert_grads(mlp.experts, hidden, indices, scores, grad_out, gradient_only=False)
+    if not keep:
+        monkeypatch.setattr(moe, "KEEP_DECODED_MAX_BYTES", 0)
+    decoded = []
+    original = moe.decode_mxfp4_experts
+    gate_up_rows = mlp.experts.base_layer.gate_up_proj_blocks.shape[1]
+    monkeypatch.setattr(moe, "decode_mxfp4_experts", lambda blocks, *a, **k: decoded.append(
+        "gate_up" if blocks.shape[1] == gate_up_rows else "down") or original(blocks, *a, **k))
+    _, only = _expert_grads(mlp.experts, hidden, indices, scores, grad_out, gradient_only=True)
+    assert decoded == (["gate_up", "down"] if keep else ["gate_up", "down", "gate_up"])
     for got, expected in zip(only, full):
         assert expected.abs().sum() > 0
         assert rel_err(got, expected) < 1e-5
@@ -185,7 +217,7 @@ def test_gradient_only_keeps_the_full_path_for_a_trainable_down_projection(monke
     _, full = _expert_grads(mlp.experts, hidden, indices, scores, grad_out, gradient_only=False)
     projections = []
     original = moe._projection
-    monkeypatch.setattr(moe, "_projection", lambda x, base, name, *a: projections.append(name) or original(x, base, name, *a))
+    monkeypatch.setattr(moe, "_projection", lambda x, base, name, *a, **k: projections.append(name) or original(x, base, name, *a, **k))
     _, only = _expert_grads(mlp.experts, hidden, indices, scores, grad_out, gradient_only=True)
     assert projections == ["gate_up_proj", "down_proj"]
     for got, expected in zip(only, full):
@@ -233,3 +265,20 @@ def test_triton_decode_kernel_under_the_interpreter():
     run = subprocess.run([sys.executable, "-c", _TRITON_DECODE_CHECK], env=env, capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_route_order_is_the_stable_sort_by_expert():
+    """The counting sort of the routed pairs equals a stable argsort, with empty experts and the last one used."""
+    from gptoss_train.kernels.moe import route_order
+
+    generator = torch.Generator().manual_seed(17)
+    for experts, pairs in ((4, 1), (32, 300), (128, 1000)):
+        flat = torch.randint(0, experts, (pairs,), generator=generator)
+        flat[flat == 1] = 0  # expert 1 empty
+        flat[-1] = experts - 1
+        order, inverse, offs = route_order(flat, experts)
+        expected = torch.argsort(flat, stable=True)
+        assert torch.equal(order, expected)
+        assert torch.equal(order[inverse], torch.arange(pairs))
+        assert torch.equal(offs, torch.cumsum(torch.bincount(flat, minlength=experts), 0).to(torch.int32))
+        assert offs.dtype == torch.int32

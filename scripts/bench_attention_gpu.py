@@ -1,0 +1,146 @@
+#!/usr/bin/env python3
+"""Sink attention at the 20b training shape (4 x 2048, 64 query heads, 8 KV heads, head dim 64), full and 128-token
+sliding window: FlexAttention (what the compiled layers use; with a few kernel options) against PyTorch's built-in
+FlashAttention-2 kernels (aten._flash_attention_forward/backward, which take a window and grouped KV heads) with the
+sink folded in through the log-sum-exp. Forward (autograd off) and forward + backward, CUDA events, median of 20;
+gradients of each against the fp32 explicit-mask reference.
+
+    source scripts/device_setup.sh; python scripts/bench_attention_gpu.py [--autotune]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gptoss_train.kernels import attention  # noqa: E402
+
+BATCH, SEQ, HEADS, KV_HEADS, DIM = 4, 2048, 64, 8, 64
+SCALE = DIM ** -0.5
+
+
+def time_ms(fn, reps: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def attention_flops(window: int | None, backward: bool) -> float:
+    pairs = sum(min(i + 1, window or i + 1) for i in range(SEQ))  # visible (query, key) pairs per row and head
+    forward = 4 * BATCH * HEADS * pairs * DIM
+    return forward * (3.5 if backward else 1.0)  # backward ~2.5x forward (5 GEMMs vs 2)
+
+
+def flex_fn(window, options):
+    from torch.nn.attention.flex_attention import AuxRequest, flex_attention
+
+    block_mask = attention.layer_block_mask(None, None, window, BATCH, SEQ, "cuda")
+
+    def run(q, k, v, sinks):
+        out, aux = flex_attention(q, k, v, block_mask=block_mask, scale=SCALE, enable_gqa=True,
+                                  return_aux=AuxRequest(lse=True), kernel_options=options or None)
+        gate = torch.sigmoid(aux.lse - sinks.float().view(1, -1, 1))
+        return (out.float() * gate.unsqueeze(-1)).to(q.dtype)
+
+    return run
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--autotune", action="store_true", help="only flex under max-autotune (slow to compile)")
+    args = parser.parse_args()
+    from gptoss_train.kernels import flash_sinks
+
+    print(f"device={torch.cuda.get_device_name()} torch={torch.__version__}", flush=True)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(BATCH, HEADS, SEQ, DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(BATCH, KV_HEADS, SEQ, DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(BATCH, KV_HEADS, SEQ, DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+    sinks = torch.randn(HEADS, device="cuda", dtype=torch.bfloat16, generator=gen)
+    grad = torch.randn(BATCH, HEADS, SEQ, DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = dynamo_config.cache_size_limit = 256  # one compilation per variant and window
+    safe = {"ROWS_GUARANTEED_SAFE": True, "BLOCKS_ARE_CONTIGUOUS": True}  # causal/window/documents, no padding
+    flex_options = {
+        "flex (as shipped)": {},
+        "flex rows safe, contiguous": safe,
+        "flex bwd 32/128/128/32 w4 s3": {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128,
+                                         "bwd_BLOCK_N2": 32, "bwd_num_warps": 4, "bwd_num_stages": 3},
+        "flex bwd 64/128/128/64 w8 s2": {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128,
+                                         "bwd_BLOCK_N2": 64, "bwd_num_warps": 8, "bwd_num_stages": 2},
+        "flex bwd 64/128/128/64 w8 s3": {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128,
+                                         "bwd_BLOCK_N2": 64, "bwd_num_warps": 8, "bwd_num_stages": 3},
+        "flex bwd 64/64/64/64 w4 s3": {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64,
+                                       "bwd_BLOCK_N2": 64, "bwd_num_warps": 4, "bwd_num_stages": 3},
+        "flex fwd 128/64 w4 s3": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3},
+        "flex fwd 128/128 w8 s3": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 128, "fwd_num_warps": 8,
+                                   "fwd_num_stages": 3},
+    }
+    variants = {name: (lambda w, o=options: torch.compile(flex_fn(w, o), dynamic=False))
+                for name, options in flex_options.items()}
+    variants["flash-2 (aten) + sink fold"] = lambda w: (lambda q_, k_, v_, s_: flash_sinks.sink_flash_attention(
+        q_, k_, v_, s_, scaling=SCALE, sliding_window=w).transpose(1, 2))
+    if args.autotune:  # on its own: its compilation takes minutes
+        variants = {"flex max-autotune": lambda w: torch.compile(flex_fn(w, {}), dynamic=False,
+                                                                 mode="max-autotune-no-cudagraphs")}
+
+    print(f"{'variant':<28} {'window':>6} {'fwd ms':>7} {'fwd TF/s':>8} {'f+b ms':>7} {'f+b TF/s':>8} "
+          f"{'compile s':>9} {'out err':>8} {'dq err':>8} {'dk err':>8} {'dv err':>8} {'dsink err':>9}", flush=True)
+    for window in (None, 128):
+        mask = attention.dense_mask(attention.make_mask_mod(None, None, window), BATCH, SEQ, SEQ, "cuda")
+        leaves = [t.float().detach().requires_grad_() for t in (q, k, v, sinks)]
+        ref = attention.sink_attention_reference(*leaves[:3], leaves[3], scaling=SCALE, mask=mask)  # [B, L, H, D]
+        ref.transpose(1, 2).backward(grad.float())
+        ref_out, ref_grads = ref.transpose(1, 2).detach(), [t.grad for t in leaves]
+        del leaves, ref, mask
+        for name, build in variants.items():
+            try:
+                started = time.perf_counter()
+                fn = build(window)
+                inputs = [t.detach().clone().requires_grad_() for t in (q, k, v, sinks)]
+                out = fn(*inputs)
+                out.backward(grad)
+                torch.cuda.synchronize()
+                compile_s = time.perf_counter() - started
+                errors = [(out.float() - ref_out).norm() / ref_out.norm()]
+                errors += [(t.grad.float() - r).norm() / r.norm() for t, r in zip(inputs, ref_grads)]
+
+                def forward_only():
+                    with torch.no_grad():
+                        fn(q, k, v, sinks)
+
+                def forward_backward():
+                    for t in inputs:
+                        t.grad = None
+                    fn(*inputs).backward(grad)
+
+                fwd, both = time_ms(forward_only), time_ms(forward_backward)
+                print(f"{name:<28} {str(window):>6} {fwd:>7.3f} {attention_flops(window, False) / fwd / 1e9:>8.1f} "
+                      f"{both:>7.3f} {attention_flops(window, True) / both / 1e9:>8.1f} {compile_s:>9.1f} "
+                      + " ".join(f"{float(e):>8.2e}" for e in errors[:4]) + f" {float(errors[4]):>9.2e}", flush=True)
+            except Exception as err:  # one variant failing must not lose the others' numbers
+                print(f"{name:<28} {str(window):>6} FAILED {type(err).__name__}: {str(err).splitlines()[0][:160]}",
+                      flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
