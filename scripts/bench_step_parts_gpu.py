@@ -52,7 +52,7 @@ def host_link() -> None:
 
     table = torch.randn(VOCAB, HIDDEN, dtype=torch.bfloat16).pin_memory()
     ids = torch.randint(0, VOCAB, (4, 2048), device="cuda")
-    view = embedding.device_view_of_pinned(table)
+    view = embedding.device_view_of_pinned(table, "cuda")
 
     def through_host():
         cpu_ids = ids.to("cpu").reshape(-1)

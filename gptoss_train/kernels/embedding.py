@@ -31,13 +31,17 @@ class _PinnedArray:
                                          "data": (self.host.data_ptr(), False), "strides": None, "version": 3}
 
 
-def device_view_of_pinned(host: torch.Tensor) -> torch.Tensor | None:
-    """A CUDA tensor aliasing the pinned 2-byte host tensor ``host`` (None where that is not possible)."""
-    if not (torch.cuda.is_available() and host.is_pinned() and host.element_size() == 2 and host.is_contiguous()):
+def device_view_of_pinned(host: torch.Tensor, device) -> torch.Tensor | None:
+    """A tensor on CUDA ``device`` aliasing the pinned 2-byte host tensor ``host`` (None where that is not possible;
+    never a copy: a view that would not share the host memory is refused)."""
+    device = torch.device(device)
+    if not (device.type == "cuda" and host.is_pinned() and host.element_size() == 2 and host.is_contiguous()):
         return None
     try:
-        view = torch.as_tensor(_PinnedArray(host), device="cuda")
+        view = torch.as_tensor(_PinnedArray(host), device=device)
     except (RuntimeError, TypeError, ValueError):
+        return None
+    if view.data_ptr() != host.data_ptr():  # torch moved it (another device): that would be a 1 GiB copy on the GPU
         return None
     return view.view(host.dtype)
 
@@ -69,7 +73,7 @@ def offload_frozen_embeddings(model) -> int:
         host = host.pin_memory()
     freed = weight.numel() * weight.element_size()
     embed._host_weight = host
-    embed._device_view = device_view_of_pinned(host) if weight.is_cuda else None
+    embed._device_view = device_view_of_pinned(host, weight.device) if weight.is_cuda else None
     embed.weight = torch.nn.Parameter(torch.zeros(1, dtype=weight.dtype, device=weight.device).expand(weight.shape),
                                       requires_grad=False)
     embed.forward = functools.partial(_host_embedding_forward, embed)
