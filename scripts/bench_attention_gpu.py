@@ -11,7 +11,6 @@ gradients of each against the fp32 explicit-mask reference.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -19,6 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_decode_gpu import time_ms  # noqa: E402  (scripts/ is on the path when run as a script)
 
 from gptoss_train.kernels import attention  # noqa: E402
 
@@ -101,21 +102,6 @@ def sink_flash_attention(query, key, value, sinks, *, scaling: float, sliding_wi
 
 BATCH, SEQ, HEADS, KV_HEADS, DIM = 4, 2048, 64, 8, 64
 SCALE = DIM ** -0.5
-
-
-def time_ms(fn, reps: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def attention_flops(window: int | None, backward: bool) -> float:

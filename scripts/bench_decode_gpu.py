@@ -19,8 +19,11 @@ from gptoss_train.kernels import moe, mxfp4_decode  # noqa: E402
 
 
 def time_ms(fn, reps: int = 20) -> float:
+    """Median GPU time of ``fn`` in ms over ``reps`` runs after 3 warm-up runs (CUDA events). The other GPU
+    microbenchmarks in scripts/ import it from here."""
     for _ in range(3):
         fn()
+    torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -13,7 +13,6 @@ fast path before a whole-step benchmark (scripts/bench_train.py):
 
 from __future__ import annotations
 
-import statistics
 import sys
 from pathlib import Path
 
@@ -21,24 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_decode_gpu import time_ms  # noqa: E402  (scripts/ is on the path when run as a script)
+
 from gptoss_train.kernels import embedding, moe  # noqa: E402
 
 TOKENS, HIDDEN, INTERMEDIATE, EXPERTS, TOP_K, VOCAB = 8192, 2880, 2880, 32, 4, 201088
-
-
-def time_ms(fn, reps: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def host_link() -> None:
@@ -84,7 +70,7 @@ def expert_products() -> None:
 
     def product(budget):
         with torch.no_grad():
-            return _forward_pieces(x, blocks, scales, offs, budget)
+            return moe._GroupedMMFromMXFP4.apply(x, blocks, scales, offs, budget, False)
 
     def decode_whole():
         return moe.decode_mxfp4_experts(blocks, scales, torch.bfloat16)
@@ -100,15 +86,6 @@ def expert_products() -> None:
     ]
     for name, fn in rows:
         print(f"{name:<46} {time_ms(fn):>7.3f} ms", flush=True)
-
-
-def _forward_pieces(x, blocks, scales, offs, budget):
-    outputs = []
-    for rows in moe._row_pieces(blocks, x.dtype, budget):
-        weight = moe.decode_mxfp4_experts(blocks, scales, x.dtype, rows)
-        outputs.append(moe._grouped_mm(x, weight.transpose(-1, -2), offs, native=True))
-        del weight
-    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
 
 def main() -> int:

@@ -198,9 +198,8 @@ def _block_mask(position_ids, attention_mask, sliding_window, batch_size, q_len,
     the document lookup (deciding whether a batch has several documents per row would read the GPU)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    _note_device(device)
-
     def build():
+        _note_device(device)
         padding = _key_padding(attention_mask, batch_size, kv_len)
         doc = None if position_ids is None else document_ids_from_positions(position_ids, batch_size)
         mask_mod = make_mask_mod(doc, padding, sliding_window, q_offset=kv_len - q_len)
