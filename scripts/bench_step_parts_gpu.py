@@ -6,9 +6,13 @@ fast path before a whole-step benchmark (scripts/bench_train.py):
   pinned host memory, through the host (ids to the CPU, gather, copy back) and zero-copy (a CUDA view of the table);
 * expert products of one layer's backward (4 x 2048 tokens, top-4 of 32 experts, MXFP4 stacks): gate_up in the
   recompute decoded in 512 MiB pieces (outputs concatenated) or whole; dX of gate_up in pieces (summed) or from a
-  stack decoded once and kept.
+  stack decoded once and kept;
+* the four grouped-GEMM shapes of a step (forward and dX of gate_up and down) with the expert stack row- or
+  column-major, balanced and randomly routed, against one dense cuBLAS GEMM of the same size (TFLOP/s);
+* SwiGLU + routing-weight backward: inductor's kernels for the autograd version against kernels/swiglu.py's fused
+  kernel over a few tile shapes (GB/s of the bytes that must move).
 
-    source scripts/device_setup.sh; python scripts/bench_step_parts_gpu.py
+    source scripts/device_setup.sh; python scripts/bench_step_parts_gpu.py [host] [experts] [gemm] [swiglu]
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_decode_gpu import time_ms  # noqa: E402  (scripts/ is on the path when run as a script)
 
-from gptoss_train.kernels import embedding, moe  # noqa: E402
+from gptoss_train.kernels import embedding, moe, swiglu  # noqa: E402
 
 TOKENS, HIDDEN, INTERMEDIATE, EXPERTS, TOP_K, VOCAB = 8192, 2880, 2880, 32, 4, 201088
 
@@ -88,10 +92,85 @@ def expert_products() -> None:
         print(f"{name:<46} {time_ms(fn):>7.3f} ms", flush=True)
 
 
+def _routed_offsets(kind: str, gen) -> torch.Tensor:
+    pairs = TOKENS * TOP_K
+    if kind == "balanced":
+        return torch.arange(1, EXPERTS + 1, device="cuda", dtype=torch.int32) * (pairs // EXPERTS)
+    logits = torch.randn(TOKENS, EXPERTS, device="cuda", generator=gen)
+    counts = torch.bincount(logits.topk(TOP_K, dim=-1).indices.reshape(-1), minlength=EXPERTS)
+    return torch.cumsum(counts, 0).to(torch.int32)
+
+
+def grouped_gemm_shapes() -> None:
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    pairs = TOKENS * TOP_K
+    shapes = [  # (product, K, N): [pairs, K] x [E, K, N]
+        ("gate_up forward", HIDDEN, 2 * INTERMEDIATE), ("down forward", INTERMEDIATE, HIDDEN),
+        ("gate_up dX", 2 * INTERMEDIATE, HIDDEN), ("down dX", HIDDEN, INTERMEDIATE),
+    ]
+    print(f"{'grouped GEMM [P,K]x[E,K,N]':<24} {'routing':<9} {'stack':<10} {'ms':>7} {'TFLOP/s':>8}  dense mm",
+          flush=True)
+    for name, k, n in shapes:
+        a = torch.randn(pairs, k, dtype=torch.bfloat16, device="cuda", generator=gen)
+        row_major = torch.randn(EXPERTS, k, n, dtype=torch.bfloat16, device="cuda", generator=gen)
+        col_major = row_major.transpose(-1, -2).contiguous().transpose(-1, -2)
+        dense_b = row_major[0].repeat(1, 1)
+        flops = 2 * pairs * k * n
+        dense = time_ms(lambda: a @ dense_b)
+        for routing in ("balanced", "random"):
+            offs = _routed_offsets(routing, gen)
+            for layout, b in (("row-major", row_major), ("col-major", col_major)):
+                ms = time_ms(lambda: torch._grouped_mm(a, b, offs=offs))
+                print(f"{name:<24} {routing:<9} {layout:<10} {ms:>7.3f} {flops / ms / 1e9:>8.0f}  "
+                      f"{dense:.3f} ms {flops / dense / 1e9:.0f}", flush=True)
+        del a, row_major, col_major, dense_b
+
+
+def swiglu_backward() -> None:
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    pairs = TOKENS * TOP_K
+    gate_up = torch.randn(pairs, 2 * INTERMEDIATE, dtype=torch.bfloat16, device="cuda", generator=gen) * 2
+    bias = torch.randn(EXPERTS, 2 * INTERMEDIATE, dtype=torch.bfloat16, device="cuda", generator=gen) * 0.1
+    experts = torch.repeat_interleave(torch.arange(EXPERTS, device="cuda"), pairs // EXPERTS)
+    grad = torch.randn(pairs, INTERMEDIATE, dtype=torch.bfloat16, device="cuda", generator=gen)
+    weights = torch.rand(pairs, dtype=torch.bfloat16, device="cuda", generator=gen)
+    alpha, limit = 1.702, 7.0
+    nbytes = 2 * (2 * gate_up.numel() + grad.numel())
+
+    forward = torch.compile(swiglu.bias_swiglu)
+    row_dot = torch.compile(lambda g, a: (g.float() * a.float()).sum(-1))
+
+    def autograd_version():  # the recompute's SwiGLU forward, autograd's backward of it, the routing-weight dot
+        u = gate_up.detach().requires_grad_()
+        act = forward(u, bias, experts, alpha, limit)
+        weight_grad = row_dot(grad, act)
+        act.backward(grad * weights[:, None])
+        return u.grad, weight_grad
+
+    reference = swiglu.swiglu_routed_backward_reference(gate_up, bias, experts, grad, weights, alpha, limit)
+    got = autograd_version()
+    print(f"SwiGLU + routing-weight backward ({nbytes / 1e9:.2f} GB to move)", flush=True)
+    ms = time_ms(autograd_version)
+    print(f"  inductor (forward, backward, dot)     {ms:>7.3f} ms {nbytes / ms / 1e6:>6.0f} GB/s  max err vs fp32 "
+          f"{(got[0].float() - reference[0].float()).abs().max().item():.3g}", flush=True)
+    for config in ((8, 128, 4), (4, 256, 4), (8, 256, 8), (16, 128, 8), (16, 64, 4), (2, 512, 4), (32, 64, 8)):
+        run = lambda: swiglu._launch_backward(gate_up, bias, experts, grad, weights, alpha, limit,  # noqa: E731
+                                              lambda kernel: kernel, config)
+        got = run()
+        error = max((got[0].float() - reference[0].float()).abs().max().item(),
+                    (got[1] - reference[1]).abs().max().item())
+        ms = time_ms(run)
+        print(f"  fused kernel rows/cols/warps {config!s:<12} {ms:>7.3f} ms {nbytes / ms / 1e6:>6.0f} GB/s  "
+              f"max err {error:.3g}", flush=True)
+
+
 def main() -> int:
     print(f"device={torch.cuda.get_device_name()} torch={torch.__version__}", flush=True)
-    host_link()
-    expert_products()
+    parts = sys.argv[1:] or ["host", "experts", "gemm", "swiglu"]
+    for part, fn in (("host", host_link), ("experts", expert_products), ("gemm", grouped_gemm_shapes),
+                     ("swiglu", swiglu_backward)):
+        if part in parts:
+            fn()
     return 0
 
 

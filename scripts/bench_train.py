@@ -31,6 +31,7 @@ import contextlib
 import gc
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -202,7 +203,7 @@ def train_steps(model, batch, *, steps: int, warmup: int, profile_to: Path | Non
             step()
             torch.cuda.synchronize()
         averages = prof.key_averages()
-        profile_to.write_text(kernel_summary(averages) + "\n\n"
+        profile_to.write_text(kernel_summary(averages) + "\n\n" + kernels_by_full_name(averages) + "\n\n"
                               + averages.table(sort_by="self_cuda_time_total", row_limit=70) + "\n\n"
                               + averages.table(sort_by="self_cpu_time_total", row_limit=30))
         # the timeline, for GPU idle time and what the CPU was doing meanwhile (scripts/trace_gaps.py)
@@ -235,6 +236,28 @@ def kernel_summary(averages) -> str:
     lines += [f"{kind:<44} {ms:>8.1f}" for kind, ms in sorted(totals.items(), key=lambda kv: -kv[1])]
     lines.append(f"{'total':<44} {sum(totals.values()):>8.1f}")
     return "\n".join(lines)
+
+
+def kernels_by_full_name(averages, limit: int = 40, width: int = 240) -> str:
+    """The GPU kernels of one profiled step with their names whole (the profiler's table cuts them at 55
+    characters, which hides inductor's fused ops and CUTLASS's tile shapes)."""
+    rows = []
+    for event in averages:
+        if "cuda" not in str(getattr(event, "device_type", "")).lower():
+            continue
+        micros = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+        rows.append((micros / 1e3, event.count, event.key))
+    rows.sort(key=lambda row: -row[0])
+    lines = [f"{'ms':>8} {'calls':>6} {'us/call':>8}  kernel (whole name, first {width} characters)"]
+    lines += [f"{ms:>8.2f} {count:>6} {ms * 1e3 / max(count, 1):>8.1f}  {name[:width]}{_template_ints(name)}"
+              for ms, count, name in rows[:limit]]
+    return "\n".join(lines)
+
+
+def _template_ints(name: str) -> str:
+    # Mangled CUTLASS kernels carry their tile and cluster shapes as integer template arguments (cute::C<128>: "ILi128EE").
+    ints = re.findall(r"ILi(\d+)EE", name) if name.startswith("_Z") else []
+    return f"  [integer template args: {','.join(ints[:12])}]" if ints else ""
 
 
 class Report:

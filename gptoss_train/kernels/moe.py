@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from gptoss_train.kernels import mxfp4_decode
+from gptoss_train.kernels import mxfp4_decode, swiglu
 
 # E2M1 code -> value (formats.md §2.2); value = LUT[code] * 2^(scale_byte - 127).
 _FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -304,9 +304,10 @@ def _projection(x, base, name, adapters, offs, keep_decoded: bool = False):
 
 
 class _RoutedDownForGradient(torch.autograd.Function):
-    """The routed down projection of a layer's recompute pass: gradients only, no output.
+    """SwiGLU and the routed down projection of a layer's recompute pass: gradients only, no output.
 
-    out[t] = sum_k w_tk * (act_p @ W_e + b_e + s * (act_p A_e) B_e)      (p = routed pair (t, k), e = its expert)
+    out[t] = sum_k w_tk * (act_p @ W_e + b_e + s * (act_p A_e) B_e),   act_p = SwiGLU(u_p + c_e)
+    (p = routed pair (t, k), e = its expert, u_p its gate_up product, c_e the gate_up bias)
 
     A layer's recompute (kernels/layer.py, ``decoder_layer_recompute_body``) runs forward only so that backward has
     the activations; the layer's output is never read there. Of the down projection, backward needs ``act`` and the
@@ -317,53 +318,45 @@ class _RoutedDownForGradient(torch.autograd.Function):
 
     so this Function's forward returns an uninitialised [T, H] tensor: the grouped GEMM, its MXFP4 decode, the bias,
     routing weight and un-permute of the recompute pass are skipped (a sixth of the expert GEMMs and decodes of a
-    step). Frozen base weight only (LoRA on it is fine); the caller keeps the full path for a trainable one.
-
-    SwiGLU stays outside, in autograd's hands: inside the compiled layer, inductor's partitioner already recomputes
-    ``act`` from the gate_up product in backward rather than keeping it. Moving SwiGLU and its written-out derivative
-    in here was measured slower on the H100 (its fused backward kernels 1.20 -> 1.32 ms a layer)."""
+    step), and so is SwiGLU itself: backward gets ``act`` from u inside one kernel that also gives d u and d w
+    (kernels/swiglu.py; inductor's version of those passes took 4x the bytes' time on the H100). Frozen base weights
+    and biases only (LoRA on them is fine); the caller keeps the full path otherwise."""
 
     @staticmethod
-    def forward(ctx, act, weights, lora_a, lora_b, frozen, scales, bias, pair_tokens, sorted_experts, offs,
-                scaling: float, num_tokens: int):
-        ctx.save_for_backward(act, weights, lora_a, lora_b, frozen, scales, bias, pair_tokens, sorted_experts, offs)
-        ctx.scaling, ctx.mxfp4 = scaling, scales is not None
-        return act.new_empty(num_tokens, bias.shape[-1])
+    def forward(ctx, gate_up, weights, lora_a, lora_b, frozen, scales, bias, gate_up_bias, pair_tokens,
+                sorted_experts, offs, scaling: float, num_tokens: int, alpha: float, limit: float):
+        ctx.save_for_backward(gate_up, weights, lora_a, lora_b, frozen, scales, bias, gate_up_bias, pair_tokens,
+                              sorted_experts, offs)
+        ctx.scaling, ctx.mxfp4, ctx.alpha, ctx.limit = scaling, scales is not None, alpha, limit
+        return gate_up.new_empty(num_tokens, bias.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        act, weights, lora_a, lora_b, frozen, scales, bias, pair_tokens, sorted_experts, offs = ctx.saved_tensors
-        grad = grad_out[pair_tokens]  # [P, H], expert-sorted like act
+        (gate_up, weights, lora_a, lora_b, frozen, scales, bias, gate_up_bias, pair_tokens, sorted_experts,
+         offs) = ctx.saved_tensors
+        grad = grad_out[pair_tokens]  # [P, H], expert-sorted like gate_up
         if ctx.mxfp4:
             grad_act_unweighted = _mxfp4_grad_input(grad, frozen, scales, offs)
         else:  # frozen dense [E, in, out]
             grad_act_unweighted = _grouped_mm(grad, frozen.transpose(-1, -2), offs)
-        grad_lora_a = grad_lora_b = None
         if lora_a is not None:
             grad_low = _grouped_mm(grad, lora_b.transpose(-1, -2), offs)  # [P, r]
             grad_act_unweighted = grad_act_unweighted + ctx.scaling * _grouped_mm(grad_low, lora_a.transpose(-1, -2),
                                                                                   offs)
-        weight_col = weights.unsqueeze(-1).to(act.dtype)
-        grad_weights = ((grad_act_unweighted.float() * act.float()).sum(-1)
-                        + (grad.float() * bias[sorted_experts].float()).sum(-1)).to(weights.dtype)
-        grad_act = grad_act_unweighted * weight_col
+        grad_gate_up, grad_weights = swiglu.swiglu_routed_backward(gate_up, gate_up_bias, sorted_experts,
+                                                                    grad_act_unweighted, weights, ctx.alpha, ctx.limit)
+        # <g_p, b_e> of every pair from one [T, E] product (each token's gradient against every expert's bias), in
+        # the activations' dtype: a float32 product here was a 64 us SIMT GEMM a layer on the H100
+        bias_dots = grad_out @ bias.to(grad_out.dtype).t()
+        grad_weights = (grad_weights + bias_dots[pair_tokens, sorted_experts].float()).to(weights.dtype)
+        grad_lora_a = grad_lora_b = None
         if lora_a is not None:
-            weighted = grad * weight_col
+            act = swiglu.bias_swiglu(gate_up, gate_up_bias, sorted_experts, ctx.alpha, ctx.limit)
+            weight_col = weights.unsqueeze(-1).to(act.dtype)
             low = _grouped_mm(act, lora_a, offs)  # [P, r]
-            grad_lora_b = ctx.scaling * _grouped_mm(low.t(), weighted, offs)  # [E, r, H]
+            grad_lora_b = ctx.scaling * _grouped_mm(low.t(), grad * weight_col, offs)  # [E, r, H]
             grad_lora_a = ctx.scaling * _grouped_mm(act.t(), grad_low * weight_col, offs)  # [E, I, r]
-        return (grad_act, grad_weights, grad_lora_a, grad_lora_b) + (None,) * 8
-
-
-def _bias_swiglu(gate_up: torch.Tensor, bias: torch.Tensor, sorted_experts: torch.Tensor, alpha: float,
-                 limit: float) -> torch.Tensor:
-    # Same as GptOssExperts._apply_gate after its bias add: interleaved gate/up, clamped,
-    # (up + 1) * gate * sigmoid(alpha * gate). One fused kernel on CUDA (the bias gather never materialises).
-    gate_up = gate_up + bias[sorted_experts].to(gate_up.dtype)
-    gate, up = gate_up[..., ::2], gate_up[..., 1::2]
-    gate = gate.clamp(max=limit)
-    up = up.clamp(min=-limit, max=limit)
-    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+        return (grad_gate_up, grad_weights, grad_lora_a, grad_lora_b) + (None,) * 11
 
 
 def _bias_route(down: torch.Tensor, bias: torch.Tensor, sorted_experts: torch.Tensor,
@@ -372,16 +365,27 @@ def _bias_route(down: torch.Tensor, bias: torch.Tensor, sorted_experts: torch.Te
     return (down + bias[sorted_experts].to(down.dtype)) * weights.unsqueeze(-1).to(down.dtype)
 
 
+def _combine(down: torch.Tensor, inverse: torch.Tensor, bias: torch.Tensor, router_indices: torch.Tensor,
+             routing_weights: torch.Tensor) -> torch.Tensor:
+    # out[t] = sum_k w_tk * (down[pair (t, k)] + b_e): un-permute, bias, routing weight and the sum over K read the
+    # expert-sorted products once (on the H100 the two kernels of the autograd-friendly version, bias_route then
+    # _GatherRows and the sum, took 0.24 ms a layer).
+    num_tokens, top_k = router_indices.shape
+    rows = down[inverse].view(num_tokens, top_k, -1)
+    return ((rows + bias[router_indices].to(down.dtype)) * routing_weights.unsqueeze(-1).to(down.dtype)).sum(dim=1)
+
+
 @functools.cache
 def _compiled(fn):
     return torch.compile(fn, dynamic=None)
 
 
 def _down_for_gradient_supported(base, adapters) -> bool:
-    """Whether _RoutedDownForGradient can stand in for the down projection: frozen base weight and bias, at most
-    one active adapter on it."""
+    """Whether _RoutedDownForGradient can stand in for SwiGLU and the down projection: frozen down weight, frozen
+    biases, at most one active adapter on the down projection."""
     weight = base.down_proj
-    if (weight.requires_grad and not has_mxfp4_experts(base)) or base.down_proj_bias.requires_grad:
+    if ((weight.requires_grad and not has_mxfp4_experts(base)) or base.down_proj_bias.requires_grad
+            or base.gate_up_proj_bias.requires_grad):
         return False
     return len(adapters.get("down_proj", ())) <= 1
 
@@ -422,23 +426,27 @@ def moe_experts_forward(hidden: torch.Tensor, router_indices: torch.Tensor, rout
     # Eager CUDA callers get the two fused kernels; inside a compiled decoder layer (kernels/layer.py) the
     # surrounding graph fuses them anyway, and a nested torch.compile there would only get in the way.
     fuse = x.is_cuda and not torch.compiler.is_compiling()
-    bias_swiglu = _compiled(_bias_swiglu) if fuse else _bias_swiglu
+    bias_swiglu = _compiled(swiglu.bias_swiglu) if fuse else swiglu.bias_swiglu
     bias_route = _compiled(_bias_route) if fuse else _bias_route
     # In a recompute pass backward follows at once: gate_up's decoded stack serves its dX too.
     gate_up = _projection(x, base, "gate_up_proj", adapters, offs, keep_decoded=gradient_only)
-    act = bias_swiglu(gate_up, base.gate_up_proj_bias, sorted_experts, base.alpha, base.limit)
     if gradient_only and _down_for_gradient_supported(base, adapters):
         (lora_a, lora_b, scaling), = adapters.get("down_proj", ((None, None, 0.0),))
         if lora_a is not None:
-            lora_a, lora_b = _lora_operands(lora_a, lora_b, act.dtype)
+            lora_a, lora_b = _lora_operands(lora_a, lora_b, gate_up.dtype)
         mxfp4 = has_mxfp4_experts(base)
-        frozen = base.down_proj_blocks if mxfp4 else base.down_proj.to(act.dtype)
+        frozen = base.down_proj_blocks if mxfp4 else base.down_proj.to(gate_up.dtype)
         scales = base.down_proj_scales if mxfp4 else None
-        out = _RoutedDownForGradient.apply(act, routing_weights.reshape(-1)[order], lora_a, lora_b, frozen, scales,
-                                           base.down_proj_bias, order // top_k, sorted_experts, offs, float(scaling),
-                                           num_tokens)
+        out = _RoutedDownForGradient.apply(gate_up, routing_weights.reshape(-1)[order], lora_a, lora_b, frozen,
+                                           scales, base.down_proj_bias, base.gate_up_proj_bias, order // top_k,
+                                           sorted_experts, offs, float(scaling), num_tokens, float(base.alpha),
+                                           float(base.limit))
         return out.to(hidden.dtype)
+    act = bias_swiglu(gate_up, base.gate_up_proj_bias, sorted_experts, base.alpha, base.limit)
     down = _projection(act, base, "down_proj", adapters, offs)
+    if not torch.is_grad_enabled():  # nothing to differentiate: one gather-reduce, no [T*K, H] intermediate
+        combine = _compiled(_combine) if fuse else _combine
+        return combine(down, inverse, base.down_proj_bias, router_indices, routing_weights).to(hidden.dtype)
     down = bias_route(down, base.down_proj_bias, sorted_experts, routing_weights.reshape(-1)[order])
     # Back to (token, k) order without atomics: gather by the inverse permutation, then sum the K contributions.
     unsorted = _GatherRows.apply(down, inverse, order, 1)

@@ -282,3 +282,16 @@ def test_route_order_is_the_stable_sort_by_expert():
         assert torch.equal(order[inverse], torch.arange(pairs))
         assert torch.equal(offs, torch.cumsum(torch.bincount(flat, minlength=experts), 0).to(torch.int32))
         assert offs.dtype == torch.int32
+
+
+def test_no_grad_forward_combines_in_one_gather_reduce():
+    """With autograd off (the forward of a recomputed layer) the un-permute, bias, routing weight and sum over K are
+    one expression over the expert-sorted products: same output as the differentiable path."""
+    mlp = build_tiny_model().model.layers[1].mlp
+    hidden = torch.randn(13, 64, generator=torch.Generator().manual_seed(31))
+    _, scores, indices = mlp.router(hidden)
+    with_grad = moe_experts_forward(hidden, indices, scores, mlp.experts)
+    with torch.no_grad():
+        without = moe_experts_forward(hidden, indices, scores, mlp.experts)
+    assert with_grad.requires_grad and not without.requires_grad
+    assert rel_err(without, with_grad) < 1e-6
