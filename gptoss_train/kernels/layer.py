@@ -17,10 +17,12 @@ Kept outside the graph, deliberately:
   * recomputation (recompute="layer"): our own, around two compiled functions (``RecomputedLayer``). Forward runs
     the layer body with autograd off (an inference graph: nothing saved, nothing written only for backward) and
     keeps the layer's input. Backward runs ``decoder_layer_recompute_body``, the part of the forward that backward
-    needs (attention, norms, router, gate_up, SwiGLU; not the down projection, whose gradients need only its input,
-    see moe._RoutedDownForGradient), and differentiates it. transformers' checkpointing would rerun the whole
-    compiled forward, down projection and its MXFP4 decode included. Where our recompute does not apply (dropout,
-    FSDP-managed layers) the compiled body runs under torch.utils.checkpoint, as transformers' would.
+    needs (attention, norms, router, gate_up; not SwiGLU and the down projection, whose gradients need only their
+    input, see moe._RoutedDownForGradient), and differentiates it. With the layer inputs in host memory the
+    hidden state after attention travels with them, and the recompute skips the output projection's product too
+    (``keeps_mid``). transformers' checkpointing would rerun the whole compiled forward, down projection and its
+    MXFP4 decode included. Where our recompute does not apply (dropout, FSDP-managed layers) the compiled body runs
+    under torch.utils.checkpoint, as transformers' would.
 
 One compiled function serves every layer: modules are passed as arguments, so dynamo guards on their structure,
 not their identity. Layers differ only in window (sliding / full) and in whether their experts carry LoRA, so a run
@@ -37,12 +39,15 @@ import warnings
 import torch
 
 from gptoss_train.kernels.attention import layer_block_mask
+from gptoss_train.kernels.lora import linear_for_gradient, linear_for_gradient_supported
 from gptoss_train.kernels.moe import _fast_mlp_forward
 from gptoss_train.kernels.norm import rms_norm
 
 
-def decoder_layer_body(layer, hidden_states, position_embeddings, attention_mask, position_ids, block_mask):
-    """transformers' GptOssDecoderLayer.forward (no cache) with our norms and experts; the compiled region."""
+def decoder_layer_body(layer, hidden_states, position_embeddings, attention_mask, position_ids, block_mask,
+                       with_mid: bool = False):
+    """transformers' GptOssDecoderLayer.forward (no cache) with our norms and experts; the compiled region.
+    ``with_mid``: also return the hidden state after attention, (output, mid), for a recompute that starts from it."""
     norm = layer.input_layernorm
     residual = hidden_states
     hidden = rms_norm(hidden_states, norm.weight, norm.variance_epsilon)
@@ -52,23 +57,71 @@ def decoder_layer_body(layer, hidden_states, position_embeddings, attention_mask
     norm = layer.post_attention_layernorm
     residual = hidden
     hidden, _ = _fast_mlp_forward(layer.mlp, rms_norm(hidden, norm.weight, norm.variance_epsilon))
-    return residual + hidden
+    return (residual + hidden, residual) if with_mid else residual + hidden
 
 
-def decoder_layer_recompute_body(layer, hidden_states, position_embeddings, attention_mask, position_ids, block_mask):
+def attention_before_output_projection(attention, hidden_states, position_embeddings, attention_mask, **kwargs):
+    """transformers' GptOssAttention.forward without a cache, up to (not including) ``o_proj``: its input.
+    (tests/kernels/test_layer.py checks it against the installed transformers' forward.)"""
+    from transformers.models.gpt_oss.modeling_gpt_oss import (ALL_ATTENTION_FUNCTIONS, apply_rotary_pos_emb,
+                                                              eager_attention_forward)
+
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, attention.head_dim)
+    query = attention.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    key = attention.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    value = attention.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    cos, sin = position_embeddings
+    query, key = apply_rotary_pos_emb(query, key, cos, sin)
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager_attention_forward)
+    out, _ = interface(attention, query, key, value, attention_mask,
+                       dropout=0.0 if not attention.training else attention.attention_dropout,
+                       scaling=attention.scaling, sliding_window=attention.sliding_window, s_aux=attention.sinks,
+                       **kwargs)
+    return out.reshape(*input_shape, -1).contiguous()
+
+
+class _KnownSum(torch.autograd.Function):
+    """``known`` as the value of ``a + b`` (computed in an earlier pass), with the sum's gradients to a and b."""
+
+    @staticmethod
+    def forward(ctx, known, a, b):
+        return known.view_as(known)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, grad, grad
+
+
+def decoder_layer_recompute_body(layer, hidden_states, mid, position_embeddings, attention_mask, position_ids,
+                                 block_mask):
     """What a layer's backward needs of its forward, for our recompute: (hidden after attention, experts stub).
 
     The layer's output is ``h + experts(norm2(h))``; backward feeds the output gradient to both. The experts stub
-    has the experts' gradients but no values (``moe_experts_forward(gradient_only=True)``)."""
+    has the experts' gradients but no values (``moe_experts_forward(gradient_only=True)``). ``mid``: h as the
+    forward computed it (kept by RecomputedLayer); the output projection then runs for its gradients only
+    (lora.linear_for_gradient): its product and LoRA forward are skipped, and h takes mid's values."""
     norm = layer.input_layernorm
     hidden = rms_norm(hidden_states, norm.weight, norm.variance_epsilon)
-    hidden, _ = layer.self_attn(hidden_states=hidden, position_embeddings=position_embeddings,
-                                attention_mask=attention_mask, position_ids=position_ids, block_mask=block_mask)
-    hidden = hidden_states + hidden
+    if mid is None:
+        hidden, _ = layer.self_attn(hidden_states=hidden, position_embeddings=position_embeddings,
+                                    attention_mask=attention_mask, position_ids=position_ids, block_mask=block_mask)
+        hidden = hidden_states + hidden
+    else:
+        attended = attention_before_output_projection(layer.self_attn, hidden, position_embeddings, attention_mask,
+                                                      position_ids=position_ids, block_mask=block_mask)
+        hidden = _KnownSum.apply(mid, hidden_states, linear_for_gradient(layer.self_attn.o_proj, attended))
     norm = layer.post_attention_layernorm
     experts, _ = _fast_mlp_forward(layer.mlp, rms_norm(hidden, norm.weight, norm.variance_epsilon),
                                    gradient_only=True)
     return hidden, experts
+
+
+def keeps_mid(layer) -> bool:
+    """Whether RecomputedLayer keeps this layer's hidden state after attention from forward to backward (then the
+    recompute skips the output projection's product): with the layer inputs in host memory (it travels with
+    them, 47 MiB a layer at 4 x 2048 tokens of 20b), and an output projection that linear_for_gradient covers."""
+    return "_host_inputs" in layer.__dict__ and linear_for_gradient_supported(layer.self_attn.o_proj)
 
 
 def _autocast_state() -> list[tuple[str, bool, torch.dtype]]:
@@ -79,12 +132,12 @@ def _autocast_state() -> list[tuple[str, bool, torch.dtype]]:
 class RecomputedLayer(torch.autograd.Function):
     """A decoder layer whose forward saves only its input; backward recomputes what it needs and differentiates.
 
-    ``run_forward(hidden)`` is the layer body (run here with autograd off); ``run_recompute(hidden)`` returns
-    ``(h, experts)`` as ``decoder_layer_recompute_body`` does. The layer's trainable parameters are inputs, so their
-    gradients come back through this Function (autograd's own accumulation, hooks included), not as a side effect.
-    Dropout would need the RNG replayed: layers with active dropout use checkpointing instead (``own_recompute_ok``).
-    ``offload_input`` (None, or ``LayerInputsInHost.offload`` bound to this layer's index): keep the saved input in
-    pinned host memory until backward.
+    ``run_forward(hidden)`` is the layer body (run here with autograd off), returning the output or (output, mid);
+    ``run_recompute(hidden, mid)`` returns ``(h, experts)`` as ``decoder_layer_recompute_body`` does. The layer's
+    trainable parameters are inputs, so their gradients come back through this Function (autograd's own
+    accumulation, hooks included), not as a side effect. Dropout would need the RNG replayed: layers with active
+    dropout use checkpointing instead (``own_recompute_ok``). ``offload_input`` (None, or ``LayerInputsInHost.offload``
+    bound to this layer's index): keep the saved input (and mid) in pinned host memory until backward.
     """
 
     @staticmethod
@@ -92,23 +145,33 @@ class RecomputedLayer(torch.autograd.Function):
         ctx.run_recompute = run_recompute
         ctx.autocast = _autocast_state()
         ctx.host_input = offload_input(hidden) if offload_input is not None else None
-        ctx.save_for_backward(*(() if ctx.host_input is not None else (hidden,)), *params)
         with torch.no_grad():
-            return run_forward(hidden)
+            result = run_forward(hidden)
+        out, mid = result if isinstance(result, tuple) else (result, None)
+        ctx.has_mid = mid is not None
+        kept = []
+        if ctx.host_input is None:
+            kept = [hidden] + ([mid] if mid is not None else [])
+        elif mid is not None:
+            ctx.host_input.add(mid)
+        ctx.num_kept = len(kept)
+        ctx.save_for_backward(*kept, *params)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         saved = ctx.saved_tensors
         if ctx.host_input is not None:
-            hidden, params = ctx.host_input.fetch(), saved
+            kept, params = ctx.host_input.fetch(), saved
             ctx.host_input = None
         else:
-            hidden, params = saved[0], saved[1:]
-        hidden = hidden.detach().requires_grad_(ctx.needs_input_grad[3])
+            kept, params = saved[:ctx.num_kept], saved[ctx.num_kept:]
+        hidden = kept[0].detach().requires_grad_(ctx.needs_input_grad[3])
+        mid = kept[1] if ctx.has_mid else None
         with torch.enable_grad(), contextlib.ExitStack() as stack:
             for device, enabled, dtype in ctx.autocast:
                 stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
-            after_attention, experts = ctx.run_recompute(hidden)
+            after_attention, experts = ctx.run_recompute(hidden, mid)
         wanted = [(index, tensor) for index, tensor in enumerate([hidden, *params]) if ctx.needs_input_grad[3 + index]]
         grads = torch.autograd.grad((after_attention, experts), [tensor for _, tensor in wanted], (grad, grad),
                                     allow_unused=True)
@@ -119,40 +182,45 @@ class RecomputedLayer(torch.autograd.Function):
 
 
 class _HostInput:
-    """One layer input in pinned host memory: copied out on a side stream during forward, copied back for the
-    recompute; fetching it starts the copy of the previous layer's input (``inputs[index - 1]``), whose backward
-    comes next."""
+    """A layer's saved tensors (its input, then possibly its hidden state after attention) in pinned host memory:
+    copied out on a side stream during forward, copied back for the recompute; fetching them starts the copy of the
+    previous layer's (``inputs[index - 1]``), whose backward comes next."""
 
     def __init__(self, tensor: torch.Tensor, stream: torch.cuda.Stream, inputs: dict, index: int):
         self.stream, self.device, self.ready = stream, tensor.device, None
-        self.inputs, self.index, self.on_device = inputs, index, None
-        self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        stream.wait_stream(torch.cuda.current_stream(tensor.device))  # the tensor is complete
-        with torch.cuda.stream(stream):
-            self.host.copy_(tensor, non_blocking=True)
-        tensor.record_stream(stream)  # its memory is not reused before the copy has read it
+        self.inputs, self.index, self.on_device, self.hosts = inputs, index, None, []
+        self.add(tensor)
+
+    def add(self, tensor: torch.Tensor) -> None:
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        self.stream.wait_stream(torch.cuda.current_stream(tensor.device))  # the tensor is complete
+        with torch.cuda.stream(self.stream):
+            host.copy_(tensor, non_blocking=True)
+        tensor.record_stream(self.stream)  # its memory is not reused before the copy has read it
+        self.hosts.append(host)
 
     def prefetch(self) -> None:
-        if self.on_device is not None or self.host is None:
+        if self.on_device is not None or self.hosts is None:
             return
         main = torch.cuda.current_stream(self.device)
-        # allocated in the main stream's pool; the copy waits for the work already queued there, so the block is
+        # allocated in the main stream's pool; the copy waits for the work already queued there, so the blocks are
         # free in both streams' order
-        self.on_device = torch.empty(self.host.shape, dtype=self.host.dtype, device=self.device)
+        self.on_device = [torch.empty(host.shape, dtype=host.dtype, device=self.device) for host in self.hosts]
         self.stream.wait_stream(main)
         with torch.cuda.stream(self.stream):
-            self.on_device.copy_(self.host, non_blocking=True)
+            for tensor, host in zip(self.on_device, self.hosts):
+                tensor.copy_(host, non_blocking=True)
             self.ready = self.stream.record_event()
 
-    def fetch(self) -> torch.Tensor:
+    def fetch(self) -> list[torch.Tensor]:
         self.prefetch()
         torch.cuda.current_stream(self.device).wait_event(self.ready)
-        tensor, self.on_device, self.host = self.on_device, None, None  # the pinned block goes back to torch's cache
+        tensors, self.on_device, self.hosts = self.on_device, None, None  # the pinned blocks go back to torch's cache
         self.inputs.pop(self.index, None)
         previous = self.inputs.get(self.index - 1)
         if previous is not None:
             previous.prefetch()
-        return tensor
+        return tensors
 
 
 class LayerInputsInHost:
@@ -161,7 +229,9 @@ class LayerInputsInHost:
     With our recompute, a layer's input is all its forward keeps: 47 MiB per layer at 4 x 2048 tokens of 20b, 1.1 GiB
     for the 24 layers, alive from forward to backward. They move to host memory on a side stream as forward produces
     them and come back one layer ahead of backward (while layer i recomputes, layer i-1's input is copied in), so the
-    copies overlap compute; the last layer's input stays on the GPU (backward needs it first)."""
+    copies overlap compute; the last layer's input stays on the GPU (backward needs it first). The hidden state
+    after attention goes along (``keeps_mid``): twice the traffic, 2.2 GiB each way a step at 4 x 2048, which the
+    link carries in ~40 ms of a ~400 ms step, against a skipped GEMM per layer."""
 
     def __init__(self, num_layers: int):
         self.num_layers, self.inputs, self.stream = num_layers, {}, None
@@ -209,12 +279,12 @@ def _compiled_recompute_body(backend: str):
     return torch.compile(decoder_layer_recompute_body, backend=backend, dynamic=False)
 
 
-def _run(kind: str, backend: str | None, layer, *args):
+def _run(kind: str, backend: str | None, layer, *args, **kwargs):
     """One of the bodies, compiled with ``backend`` (None: eagerly). A compiler failure raises TorchDynamoException
     before anything has run (see _compiled_layer_forward)."""
     if backend is None:
-        return (decoder_layer_body if kind == "forward" else decoder_layer_recompute_body)(layer, *args)
-    return (_compiled_body if kind == "forward" else _compiled_recompute_body)(backend)(layer, *args)
+        return (decoder_layer_body if kind == "forward" else decoder_layer_recompute_body)(layer, *args, **kwargs)
+    return (_compiled_body if kind == "forward" else _compiled_recompute_body)(backend)(layer, *args, **kwargs)
 
 
 # dtype -> why its compilation failed; such layers run eagerly from then on (a failure in one dtype, say a float32
@@ -245,19 +315,19 @@ def _ran_compiled(layer, dtype: torch.dtype, kind: str) -> None:
     layer.__dict__.setdefault("_compiled_ran", {}).setdefault(dtype, set()).add(kind)
 
 
-def _recompute(backend: str | None, layer, args, hidden):
+def _recompute(backend: str | None, layer, args, hidden, mid):
     from torch._dynamo.exc import TorchDynamoException
 
     if backend is not None and not _fell_back(layer, hidden.dtype, "recompute"):
         try:
-            out = _run("recompute", backend, layer, hidden, *args)
+            out = _run("recompute", backend, layer, hidden, mid, *args)
             _ran_compiled(layer, hidden.dtype, "recompute")
             return out
         except TorchDynamoException as err:
             # Recomputing eagerly gives values that may differ from the compiled forward's in the last bits (another
             # fusion), which only moves the point where the gradient is taken by that much.
             _record_compile_failure(hidden.dtype, err, "recomputing the layers eagerly")
-    return _run("recompute", None, layer, hidden, *args)
+    return _run("recompute", None, layer, hidden, mid, *args)
 
 
 def _layer_call(layer, backend: str | None, mode: str, hidden_states, args):
@@ -268,7 +338,7 @@ def _layer_call(layer, backend: str | None, mode: str, hidden_states, args):
         host_inputs = layer.__dict__.get("_host_inputs")
         offload = (functools.partial(host_inputs.offload, index=getattr(layer.self_attn, "layer_idx", None))
                    if host_inputs is not None else None)
-        return RecomputedLayer.apply(functools.partial(_forward_body, backend, layer, args),
+        return RecomputedLayer.apply(functools.partial(_forward_body, backend, layer, args, keeps_mid(layer)),
                                      functools.partial(_recompute, backend, layer, args), offload, hidden_states,
                                      *params)
     if mode == "checkpoint":
@@ -277,8 +347,8 @@ def _layer_call(layer, backend: str | None, mode: str, hidden_states, args):
     return _run("forward", backend, layer, hidden_states, *args)
 
 
-def _forward_body(backend, layer, args, hidden):
-    return _run("forward", backend, layer, hidden, *args)
+def _forward_body(backend, layer, args, with_mid, hidden):
+    return _run("forward", backend, layer, hidden, *args, with_mid=with_mid)
 
 
 def _compiled_layer_forward(layer, eager_forward, backend, hidden_states, attention_mask=None, position_ids=None,

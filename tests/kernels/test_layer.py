@@ -15,8 +15,11 @@ from gptoss_train.kernels import compile_failure, enable_fast_training
 from conftest import add_lora, assert_same_lora_grads, assert_same_training, build_tiny_model, lora_grads, rel_err
 
 
-def _train_both(recompute: str, backend: str, steps: int = 2):
+def _train_both(recompute: str, backend: str, steps: int = 2, keep_mid: bool = False):
     from torch._dynamo.utils import counters
+
+    from gptoss_train.kernels import install_layer_inputs_in_host
+    from gptoss_train.kernels.layer import keeps_mid
 
     torch._dynamo.reset()
     counters.clear()
@@ -27,6 +30,9 @@ def _train_both(recompute: str, backend: str, steps: int = 2):
     description = enable_fast_training(fast, recompute=recompute, force=True, compile_layers=True,
                                        compile_backend=backend)
     assert f"layers=compiled ({backend}) x2" in description
+    if keep_mid:  # on CPU the inputs stay on the device, but the recompute starts from the kept mid all the same
+        assert install_layer_inputs_in_host(fast)
+    assert all(keeps_mid(layer) == keep_mid for layer in fast.get_base_model().model.layers)
     ids = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(7))
     for _ in range(steps):  # the second step reuses the compiled graphs (and a recompute reruns them)
         reference.zero_grad(set_to_none=True)
@@ -48,6 +54,28 @@ def _train_both(recompute: str, backend: str, steps: int = 2):
 @pytest.mark.parametrize("recompute", ["layer", "none"])
 def test_compiled_layers_match_reference(recompute):
     _train_both(recompute, "aot_eager")
+
+
+def test_recompute_from_the_kept_mid_matches_reference():
+    """With the layer inputs kept (in host memory on CUDA), the forward keeps the hidden state after attention too
+    and the recompute starts from it: the output projection runs for its gradients only. Same loss and gradients,
+    through dynamo + AOTAutograd."""
+    _train_both("layer", "aot_eager", keep_mid=True)
+
+
+def test_attention_before_output_projection_is_transformers_attention():
+    """Our restatement of GptOssAttention.forward up to o_proj (kernels/layer.py), through o_proj, is the installed
+    transformers' forward, for the sliding and the full layer."""
+    from gptoss_train.kernels.layer import attention_before_output_projection
+
+    model = build_tiny_model()
+    hidden = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(4))
+    positions = torch.arange(7)[None].expand(2, -1)
+    embeddings = model.model.rotary_emb(hidden, positions)
+    for layer in model.model.layers:
+        expected, _ = layer.self_attn(hidden, embeddings, None)
+        got = layer.self_attn.o_proj(attention_before_output_projection(layer.self_attn, hidden, embeddings, None))
+        assert torch.equal(got, expected)
 
 
 def _count_projections(monkeypatch):
@@ -204,7 +232,7 @@ def test_grouped_gemm_op_fixes_permuted_operands():
     assert rel_err(_grouped_mm(x, permuted, offs), expected) < 1e-6
 
 
-def test_layer_inputs_in_host_need_our_recompute():
+def test_layer_inputs_in_host_need_our_recompute(monkeypatch):
     """install_layer_inputs_in_host applies only where our recompute saves the layer inputs; on CPU the inputs stay
     where they are (pinned host memory is a CUDA device's staging area) and training is unchanged."""
     from gptoss_train.kernels import install_layer_inputs_in_host, install_recompute
@@ -222,4 +250,10 @@ def test_layer_inputs_in_host_need_our_recompute():
     fast.train()
     reference.train()
     ids = torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(10))
+    from gptoss_train.kernels import lora
+
+    stubs = []  # the recompute starts from the kept mid: o_proj runs for its gradients only, once a layer
+    original = lora._LinearForGradient.forward
+    monkeypatch.setattr(lora._LinearForGradient, "forward", staticmethod(lambda *a: stubs.append(1) or original(*a)))
     assert_same_training(reference, fast, ids, grad_tol=1e-4, loss_tol=None)
+    assert len(stubs) == len(layers)
