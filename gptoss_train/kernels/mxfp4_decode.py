@@ -73,30 +73,16 @@ def _launch_decode(blocks, scales, dtype, first_row: int, num_rows: int, launch)
 DECODE_BLOCK, DECODE_WARPS = 2048, 8
 
 
+# The kernel as a ``torch.library.triton_op``, registered at import (not inside a graph dynamo is tracing): a compiled
+# decoder layer (kernels/layer.py) traces through it as one op instead of breaking its graph. None without Triton or
+# triton_op.
 _decode_op = None
+if triton is not None and hasattr(torch.library, "triton_op"):
 
-
-def _registered_decode_op():
-    """The kernel as a ``torch.library.triton_op``, so a compiled decoder layer (kernels/layer.py) traces through it
-    as one op instead of breaking its graph; None on torch versions without triton_op."""
-    global _decode_op
-    if _decode_op is None:
-        try:
-            from torch.library import triton_op, wrap_triton
-        except ImportError:
-            _decode_op = False
-        else:
-            @triton_op("gptoss_train::decode_mxfp4_rows", mutates_args=())
-            def decode_mxfp4_rows(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, first_row: int,
-                                  num_rows: int) -> torch.Tensor:
-                return _launch_decode(blocks, scales, dtype, first_row, num_rows, wrap_triton)
-
-            _decode_op = decode_mxfp4_rows
-    return _decode_op or None
-
-
-if triton is not None:
-    _registered_decode_op()  # at import, not lazily inside a graph that dynamo is tracing
+    @torch.library.triton_op("gptoss_train::decode_mxfp4_rows", mutates_args=())
+    def _decode_op(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, first_row: int,
+                   num_rows: int) -> torch.Tensor:
+        return _launch_decode(blocks, scales, dtype, first_row, num_rows, torch.library.wrap_triton)
 
 
 def decode_mxfp4_triton(blocks: torch.Tensor, scales: torch.Tensor, dtype=torch.bfloat16,
@@ -104,7 +90,6 @@ def decode_mxfp4_triton(blocks: torch.Tensor, scales: torch.Tensor, dtype=torch.
     """[..., R, G, 16] uint8 + [..., R, G] uint8 (CUDA) -> [..., R, G*32] ``dtype``; ``rows=(start, stop)`` decodes
     only that range of every matrix's rows -> [..., stop - start, G*32]."""
     first, stop = rows if rows is not None else (0, blocks.shape[-3])
-    op = _registered_decode_op()
-    if op is not None:
-        return op(blocks, scales, dtype, first, stop - first)
+    if _decode_op is not None:
+        return _decode_op(blocks, scales, dtype, first, stop - first)
     return _launch_decode(blocks, scales, dtype, first, stop - first, lambda kernel: kernel)

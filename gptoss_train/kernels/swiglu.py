@@ -113,36 +113,20 @@ def _launch_backward(gate_up, bias, experts, grad, weights, alpha: float, limit:
     grad_gate_up = torch.empty_like(gate_up)
     weight_grad = torch.empty(rows, dtype=torch.float32, device=gate_up.device)
     launch(_swiglu_routed_backward_kernel)[(triton.cdiv(rows, block_rows),)](
-        gate_up, bias, experts.contiguous(), grad, weights.contiguous(), grad_gate_up, weight_grad, rows, alpha=float(alpha),
-        limit=float(limit), width=width, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=warps)
+        gate_up, bias, experts.contiguous(), grad, weights.contiguous(), grad_gate_up, weight_grad, rows,
+        alpha=float(alpha), limit=float(limit), width=width, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=warps)
     return grad_gate_up, weight_grad
 
 
+# The kernel as a ``torch.library.triton_op``, registered at import (not inside a graph dynamo is tracing): a compiled
+# decoder layer traces through it as one op instead of breaking its graph. None without Triton or triton_op.
 _backward_op = None
+if triton is not None and hasattr(torch.library, "triton_op"):
 
-
-def _registered_backward_op():
-    """The kernel as a ``torch.library.triton_op`` (a compiled decoder layer traces through it as one op instead of
-    breaking its graph); None on torch versions without triton_op."""
-    global _backward_op
-    if _backward_op is None:
-        try:
-            from torch.library import triton_op, wrap_triton
-        except ImportError:
-            _backward_op = False
-        else:
-            @triton_op("gptoss_train::swiglu_routed_backward", mutates_args=())
-            def swiglu_routed_backward_op(gate_up: torch.Tensor, bias: torch.Tensor, experts: torch.Tensor,
-                                          grad: torch.Tensor, weights: torch.Tensor, alpha: float,
-                                          limit: float) -> tuple[torch.Tensor, torch.Tensor]:
-                return _launch_backward(gate_up, bias, experts, grad, weights, alpha, limit, wrap_triton)
-
-            _backward_op = swiglu_routed_backward_op
-    return _backward_op or None
-
-
-if triton is not None:
-    _registered_backward_op()  # at import, not lazily inside a graph that dynamo is tracing
+    @torch.library.triton_op("gptoss_train::swiglu_routed_backward", mutates_args=())
+    def _backward_op(gate_up: torch.Tensor, bias: torch.Tensor, experts: torch.Tensor, grad: torch.Tensor,
+                     weights: torch.Tensor, alpha: float, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return _launch_backward(gate_up, bias, experts, grad, weights, alpha, limit, torch.library.wrap_triton)
 
 
 def swiglu_routed_backward(gate_up: torch.Tensor, bias: torch.Tensor, experts: torch.Tensor, grad: torch.Tensor,
@@ -151,7 +135,6 @@ def swiglu_routed_backward(gate_up: torch.Tensor, bias: torch.Tensor, experts: t
     grad [P, I] (G above), weights [P] -> (dL/d gate_up [P, 2I] in gate_up's dtype, dL/dw [P] float32)."""
     if triton is None or not gate_up.is_cuda:
         return swiglu_routed_backward_reference(gate_up, bias, experts, grad, weights, alpha, limit)
-    op = _registered_backward_op()
-    if op is not None:
-        return op(gate_up, bias, experts, grad, weights, alpha, limit)
+    if _backward_op is not None:
+        return _backward_op(gate_up, bias, experts, grad, weights, alpha, limit)
     return _launch_backward(gate_up, bias, experts, grad, weights, alpha, limit, lambda kernel: kernel)
